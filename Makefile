@@ -1,0 +1,24 @@
+# The README's commands. VENV may point elsewhere (CI caches it outside the clone).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Dependencies are reinstalled only when what decides them changes.
+DEPS_HASH := $(shell cat setup.py tools/install_detectron2.py Makefile | sha1sum | cut -c1-12)
+DEPS_STAMP := $(VENV)/.deps-$(DEPS_HASH)
+
+.PHONY: install test demo bench
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(DEPS_STAMP): | $(PY)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	rm -f $(VENV)/.deps-* && touch $@
+
+# The editable install is cheap; redoing it makes a cached venv point at this checkout.
+install: $(DEPS_STAMP)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+test: install
+	$(PY) -m pytest -q tests

@@ -1,0 +1,29 @@
+"""
+d2_regionfeat: region features from detectron2 detectors, through config keys alone.
+
+Importing this package registers the Feature ROI heads and box predictors, and adds the
+``MODEL.REGION_FEATURES`` node to detectron2's default config.
+"""
+from detectron2.config.defaults import _C as _detectron2_defaults
+
+from .config import add_regionfeat_config
+from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
+from .predictor import (
+    ROI_BOX_PREDICTOR_REGISTRY,
+    FeatureFastRCNNOutputLayers,
+    RegionPredictions,
+    build_box_predictor,
+)
+
+add_regionfeat_config(_detectron2_defaults)
+
+__all__ = [
+    "add_regionfeat_config",
+    "FeatureROIHeads",
+    "FeatureRes5ROIHeads",
+    "FeatureCascadeROIHeads",
+    "FeatureFastRCNNOutputLayers",
+    "RegionPredictions",
+    "ROI_BOX_PREDICTOR_REGISTRY",
+    "build_box_predictor",
+]

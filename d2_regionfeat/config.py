@@ -1,0 +1,79 @@
+"""The ``MODEL.REGION_FEATURES`` config node and its validation."""
+from detectron2.config import CfgNode as CN
+
+SOURCES = ("box_head", "pooled")
+SELECTIONS = ("detections", "regions")
+BOX_MODES = ("proposal", "regressed")
+POOL_AT = ("proposal", "final")
+
+
+def add_regionfeat_config(cfg):
+    """
+    Add the ``MODEL.REGION_FEATURES`` node to ``cfg`` (in place; a no-op if present).
+
+    Importing :mod:`d2_regionfeat` also adds it to detectron2's default config, so every
+    ``get_cfg()`` made afterwards has it and YAML files can set its keys directly.
+    """
+    if "REGION_FEATURES" in cfg.MODEL:
+        return
+    node = cfg.MODEL.REGION_FEATURES = CN()
+    # Name in ROI_BOX_PREDICTOR_REGISTRY of the box predictor the Feature heads build.
+    node.PREDICTOR = "FeatureFastRCNNOutputLayers"
+    # "box_head": the box head's output (1024-d for FPN, the mean-pooled res5 output for C4).
+    # "pooled": the ROI-pooled feature map, averaged over its spatial cells.
+    node.SOURCE = "box_head"
+    # "proposal": the feature of the proposal that produced the detection.
+    # "final": pooled again at the final (regressed) box, through the box head once more.
+    node.POOL_AT = "proposal"
+    # Add ``class_probs`` (softmax over K+1) to each detection in "detections" mode.
+    node.CLASS_PROBS = False
+    # "detections": detectron2's own post-processing, unchanged.
+    # "regions": bottom-up-attention style, at most one region per proposal.
+    node.SELECTION = "detections"
+    # "regions" mode: keep regions scoring >= CONF_THRESH, but at least MIN_BOXES and at most
+    # MAX_BOXES of them (highest scores first).
+    node.CONF_THRESH = 0.2
+    node.MIN_BOXES = 10
+    node.MAX_BOXES = 100
+    # "regions" mode: "proposal" reports the proposal's box (as bottom-up-attention does),
+    # "regressed" the box regressed for the region's class.
+    node.BOX = "proposal"
+
+
+def _check_choice(node, key, choices):
+    value = node[key]
+    if value not in choices:
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.{key} must be one of {', '.join(choices)}; got {value!r}"
+        )
+
+
+def region_features_node(cfg):
+    """
+    Return ``cfg.MODEL.REGION_FEATURES`` after checking every value in it.
+
+    Raises:
+        ValueError: naming the first key whose value is missing or not allowed.
+    """
+    if "REGION_FEATURES" not in cfg.MODEL:
+        raise ValueError(
+            "cfg.MODEL.REGION_FEATURES is missing: import d2_regionfeat before calling get_cfg(), "
+            "or call d2_regionfeat.add_regionfeat_config(cfg)"
+        )
+    node = cfg.MODEL.REGION_FEATURES
+    _check_choice(node, "SOURCE", SOURCES)
+    _check_choice(node, "SELECTION", SELECTIONS)
+    _check_choice(node, "BOX", BOX_MODES)
+    _check_choice(node, "POOL_AT", POOL_AT)
+    if not 0.0 <= node.CONF_THRESH <= 1.0:
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.CONF_THRESH must be within [0, 1]; got {node.CONF_THRESH}"
+        )
+    if node.MIN_BOXES < 0:
+        raise ValueError(f"MODEL.REGION_FEATURES.MIN_BOXES must be >= 0; got {node.MIN_BOXES}")
+    if node.MAX_BOXES < node.MIN_BOXES:
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.MAX_BOXES ({node.MAX_BOXES}) must be >= "
+            f"MIN_BOXES ({node.MIN_BOXES})"
+        )
+    return node

@@ -1,0 +1,184 @@
+"""
+ROI heads that return region features with their detections.
+
+Each class subclasses a standard detectron2 head, keeps its parameters (state-dict keys are
+identical, so existing checkpoints load) and its training path, and differs at inference
+only: every output ``Instances`` gains ``box_features`` (M, D), ``proposal_index`` (M,) and,
+when asked, ``class_probs`` (M, K+1).
+"""
+from typing import Dict, List
+
+import torch
+
+from detectron2.config import configurable
+from detectron2.modeling.roi_heads import (
+    ROI_HEADS_REGISTRY,
+    CascadeROIHeads,
+    Res5ROIHeads,
+    StandardROIHeads,
+)
+from detectron2.structures import Boxes, Instances
+
+from .config import region_features_node
+from .predictor import feature_predictor_like
+
+
+class RegionFeatureHeadsMixin:
+    """
+    What the Feature heads share. A head using it provides ``_pool`` (features and boxes to
+    the pooled (R, C, S, S) map), ``_head`` (pooled map to the (R, D) predictor input) and
+    ``_feature_predictor`` (the predictor whose ``select`` makes the output regions).
+    """
+
+    @configurable
+    def __init__(self, *, region_source: str = "box_head", pool_at: str = "proposal", **kwargs):
+        """
+        Args:
+            region_source: "box_head" (the predictor input) or "pooled" (the ROI-pooled map
+                averaged over its cells).
+            pool_at: "proposal" (the feature of the proposal behind a region) or "final"
+                (pooled again at the region's final box).
+            kwargs: arguments of the detectron2 head.
+        """
+        super().__init__(**kwargs)
+        self.region_source = region_source
+        self.pool_at = pool_at
+        if not hasattr(self._feature_predictor, "select"):
+            raise TypeError(
+                f"{type(self).__name__} needs a box predictor with a select() method, such as "
+                f"FeatureFastRCNNOutputLayers; got {type(self._feature_predictor).__name__}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        node = region_features_node(cfg)
+        ret.update(region_source=node.SOURCE, pool_at=node.POOL_AT)
+        cls._use_feature_predictor(cfg, ret)
+        return ret
+
+    @classmethod
+    def _use_feature_predictor(cls, cfg, ret):
+        ret["box_predictor"] = feature_predictor_like(cfg, ret["box_predictor"])
+
+    def region_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
+        """
+        Features of arbitrary boxes, as configured by ``region_source``.
+
+        Args:
+            features: backbone feature maps by name, each (N, C, H, W).
+            boxes: per image, boxes in the coordinates of the network input.
+
+        Returns:
+            Tensor: (sum of len(boxes[i]), D), images in order.
+        """
+        pooled = self._pool(features, boxes)
+        if self.region_source == "pooled":
+            return pooled.mean(dim=[2, 3])
+        return self._head(pooled)
+
+    def _finish_region_features(self, features, proposals, instances):
+        """
+        Replace the predictor's ``box_features`` where the config asks for other ones.
+
+        Args:
+            proposals (list[Instances]): the proposals the predictor saw, per image.
+            instances (list[Instances]): its output regions, with ``proposal_index``.
+        """
+        if self.pool_at == "final":
+            boxes = [x.pred_boxes for x in instances]
+        elif self.region_source == "pooled":
+            boxes = [p.proposal_boxes[x.proposal_index] for p, x in zip(proposals, instances)]
+        else:
+            return
+        region_features = self.region_features(features, boxes)
+        for x, feats in zip(instances, region_features.split([len(x) for x in instances])):
+            x.box_features = feats
+
+
+@ROI_HEADS_REGISTRY.register()
+class FeatureROIHeads(RegionFeatureHeadsMixin, StandardROIHeads):
+    """:class:`StandardROIHeads` (FPN, Keypoint R-CNN, ...) returning region features."""
+
+    @property
+    def _feature_predictor(self):
+        return self.box_predictor
+
+    def _pool(self, features, boxes):
+        return self.box_pooler([features[f] for f in self.box_in_features], boxes)
+
+    def _head(self, pooled):
+        return self.box_head(pooled).flatten(1)
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        out = super()._forward_box(features, proposals)
+        if not self.training:
+            self._finish_region_features(features, proposals, out)
+        return out
+
+
+@ROI_HEADS_REGISTRY.register()
+class FeatureRes5ROIHeads(RegionFeatureHeadsMixin, Res5ROIHeads):
+    """:class:`Res5ROIHeads` (C4 models) returning region features; "box_head" features are
+    the res5 output averaged over its cells (2048-d for ResNet-50/101)."""
+
+    @property
+    def _feature_predictor(self):
+        return self.box_predictor
+
+    def _pool(self, features, boxes):
+        return self.pooler([features[f] for f in self.in_features], boxes)
+
+    def _head(self, pooled):
+        return self.res5(pooled).mean(dim=[2, 3])
+
+    def forward(self, images, features, proposals, targets=None):
+        instances, losses = super().forward(images, features, proposals, targets)
+        if not self.training:
+            self._finish_region_features(features, proposals, instances)
+        return instances, losses
+
+
+@ROI_HEADS_REGISTRY.register()
+class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
+    """:class:`CascadeROIHeads` returning region features: those of the last stage, whose
+    proposals are the boxes regressed by the stage before it."""
+
+    @classmethod
+    def _use_feature_predictor(cls, cfg, ret):
+        ret["box_predictors"][-1] = feature_predictor_like(cfg, ret["box_predictors"][-1])
+
+    @property
+    def _feature_predictor(self):
+        return self.box_predictor[-1]
+
+    def _pool(self, features, boxes):
+        return self.box_pooler([features[f] for f in self.box_in_features], boxes)
+
+    def _head(self, pooled):
+        return self.box_head[-1](pooled).flatten(1)
+
+    def _forward_box(self, features, proposals, targets=None):
+        if self.training:
+            return super()._forward_box(features, proposals, targets)
+        # Inference as in CascadeROIHeads (scores averaged over stages, boxes of the last),
+        # selecting through the last predictor so that its features come along.
+        box_features = [features[f] for f in self.box_in_features]
+        image_sizes = [x.image_size for x in proposals]
+        stage_proposals, probs_per_stage = proposals, []
+        for stage in range(self.num_cascade_stages):
+            if stage > 0:
+                stage_proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+            predictions = self._run_stage(box_features, stage_proposals, stage)
+            predictor = self.box_predictor[stage]
+            boxes = predictor.predict_boxes(predictions, stage_proposals)
+            probs_per_stage.append(predictor.predict_probs(predictions, stage_proposals))
+        probs = [
+            sum(list(probs_per_image)) * (1.0 / self.num_cascade_stages)
+            for probs_per_image in zip(*probs_per_stage)
+        ]
+        instances, _ = self._feature_predictor.select(
+            boxes, probs, predictions.features, stage_proposals
+        )
+        self._finish_region_features(features, stage_proposals, instances)
+        return instances

@@ -1,0 +1,121 @@
+"""
+Per-image selection of regions from box-predictor outputs.
+
+Both functions take, for one image with R proposals and K classes:
+
+* ``boxes``: (R, K*4) class-specific or (R, 4) class-agnostic regressed boxes;
+* ``probs``: (R, K+1) class probabilities, background last;
+
+and return ``(instances, kept)`` where ``kept`` (M,) holds, for each output row, the row
+among the image's proposals that produced it.
+"""
+import torch
+
+from detectron2.layers import batched_nms
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+from detectron2.structures import Boxes, Instances
+
+
+def finite_rows(boxes, probs):
+    """(R,) bool: proposals whose boxes and probabilities are all finite."""
+    return torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
+
+
+def select_detections(boxes, probs, image_shape, score_thresh, nms_thresh, topk_per_image):
+    """
+    detectron2's own post-processing (score threshold, per-class NMS, top-k), unchanged.
+
+    ``fast_rcnn_inference_single_image`` drops non-finite proposals first and returns rows of
+    what is left; they are mapped back here to rows among all of the image's proposals.
+    """
+    instances, kept = fast_rcnn_inference_single_image(
+        boxes, probs, image_shape, score_thresh, nms_thresh, topk_per_image
+    )
+    valid = finite_rows(boxes, probs)
+    if not valid.all():
+        kept = valid.nonzero()[:, 0][kept]
+    return instances, kept
+
+
+def clipped_class_boxes(boxes, image_shape):
+    """(R, K*4) or (R, 4) boxes -> (R, C, 4) boxes clipped to ``image_shape``, C in {1, K}."""
+    num_reg_classes = boxes.shape[1] // 4
+    clipped = Boxes(boxes.reshape(-1, 4))
+    clipped.clip(image_shape)
+    return clipped.tensor.view(-1, num_reg_classes, 4)
+
+
+def surviving_scores(class_boxes, fg_probs, valid, nms_thresh):
+    """
+    Per-class NMS over every (proposal, class) pair of the valid proposals.
+
+    Args:
+        class_boxes: (R, C, 4) clipped boxes, C in {1, K}.
+        fg_probs: (R, K) foreground class probabilities.
+        valid: (R,) bool, proposals that take part.
+        nms_thresh: IoU above which the lower-scoring box of a class is suppressed.
+
+    Returns:
+        (R, K) tensor: a pair's probability where it survives NMS, 0 where it does not,
+        where its box is empty, or where its proposal is not valid.
+    """
+    num_classes = fg_probs.shape[1]
+    rows = valid.nonzero()[:, 0].repeat_interleave(num_classes)
+    classes = torch.arange(num_classes, device=fg_probs.device).repeat(int(valid.sum()))
+    pair_boxes = class_boxes[rows, classes if class_boxes.shape[1] > 1 else 0]
+    nonempty = Boxes(pair_boxes).nonempty()
+    rows, classes, pair_boxes = rows[nonempty], classes[nonempty], pair_boxes[nonempty]
+    pair_scores = fg_probs[rows, classes]
+    keep = batched_nms(pair_boxes, pair_scores, classes, nms_thresh)
+    survived = torch.zeros_like(fg_probs)
+    survived[rows[keep], classes[keep]] = pair_scores[keep]
+    return survived
+
+
+def select_regions(
+    boxes, probs, proposal_boxes, image_shape, nms_thresh, conf_thresh, min_boxes, max_boxes,
+    box_mode="proposal",
+):
+    """
+    Bottom-up-attention selection: each proposal at most once.
+
+    Per-class NMS gives each proposal its best surviving class and score (0 and its most
+    probable class when no class survives); regions scoring >= ``conf_thresh`` are kept,
+    but never fewer than ``min_boxes`` nor more than ``max_boxes`` (highest scores first,
+    both clamped to the number of finite proposals).
+
+    Args:
+        proposal_boxes (Boxes): the R proposals, in the same coordinates as ``boxes``.
+        box_mode: "proposal" reports the proposal's box, "regressed" the box regressed for
+            the region's class (the proposal's box where no class survived).
+
+    Returns:
+        Instances with ``pred_boxes``, ``scores``, ``pred_classes``; and kept (M,).
+    """
+    valid = finite_rows(boxes, probs)
+    fg_probs = probs[:, :-1]
+    class_boxes = clipped_class_boxes(boxes, image_shape)
+    survived = surviving_scores(class_boxes, fg_probs, valid, nms_thresh)
+    scores, classes = survived.max(dim=1)
+    none_survived = scores == 0
+    classes[none_survived] = fg_probs[none_survived].argmax(dim=1)
+    scores[~valid] = -1.0  # sorts after every finite proposal
+
+    order = torch.sort(scores, descending=True, stable=True).indices
+    num_valid = int(valid.sum())
+    num_confident = int((scores >= conf_thresh).sum())
+    count = max(min(min_boxes, num_valid), min(num_confident, max_boxes, num_valid))
+    kept = order[:count]
+
+    if box_mode == "proposal":
+        out_boxes = proposal_boxes.tensor[kept]
+    else:
+        reg_class = classes[kept] if class_boxes.shape[1] > 1 else torch.zeros_like(kept)
+        out_boxes = class_boxes[kept, reg_class]
+        fallback = none_survived[kept]
+        out_boxes[fallback] = proposal_boxes.tensor[kept[fallback]]
+    result = Instances(image_shape)
+    result.pred_boxes = Boxes(out_boxes)
+    result.scores = scores[kept]
+    result.pred_classes = classes[kept]
+    return result, kept

@@ -1,0 +1,72 @@
+"""Random-init detectron2 models for the tests: small inputs, fixed seeds, CPU."""
+import numpy as np
+import torch
+
+import d2_regionfeat  # noqa: F401  (registers the heads, adds the config node)
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+# kind -> (detectron2 model-zoo config, plain ROI head, Feature ROI head)
+MODELS = {
+    "fpn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", "StandardROIHeads", "FeatureROIHeads"),
+    "c4": ("COCO-Detection/faster_rcnn_R_50_C4_3x.yaml", "Res5ROIHeads", "FeatureRes5ROIHeads"),
+    "cascade": ("Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml", "CascadeROIHeads", "FeatureCascadeROIHeads"),
+    "keypoint": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml", "StandardROIHeads", "FeatureROIHeads"),
+}
+NUM_CLASSES = 3
+
+
+def make_cfg(kind="fpn", feature=True, **region_features):
+    """A small CPU config of ``kind``; ``region_features`` set MODEL.REGION_FEATURES keys."""
+    zoo_file, plain_head, feature_head = MODELS[kind]
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(zoo_file))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_HEADS.NAME = feature_head if feature else plain_head
+    if kind != "keypoint":
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.2
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 200
+    cfg.INPUT.MIN_SIZE_TEST = 224
+    cfg.INPUT.MAX_SIZE_TEST = 320
+    for key, value in region_features.items():
+        cfg.MODEL.REGION_FEATURES[key.upper()] = value
+    return cfg
+
+
+def tame(model, box_scale=0.02, cls_scale=0.3):
+    """
+    Scale down the box predictors' layers of a random-init model so that it gives spread,
+    realistic detections instead of huge box deltas and degenerate boxes.
+    """
+    predictors = model.roi_heads.box_predictor
+    for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+        predictor.bbox_pred.weight.data *= box_scale
+        predictor.bbox_pred.bias.data.zero_()
+        predictor.cls_score.weight.data *= cls_scale
+    return model
+
+
+def build(cfg, seed=0, wild=False):
+    """Build ``cfg`` from ``seed`` in eval mode, tamed unless ``wild``."""
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    return model if wild else tame(model)
+
+
+def image(seed, height=200, width=280):
+    """(3, H, W) float BGR image tensor with some structure (blobs on noise)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, size=(height, width, 3)).astype(np.float32)
+    for _ in range(6):
+        y, x = rng.integers(0, height - 20), rng.integers(0, width - 20)
+        h, w = rng.integers(20, height // 2), rng.integers(20, width // 2)
+        img[y : y + h, x : x + w] = rng.integers(0, 256, size=3)
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous()
+
+
+def inputs(*seeds_and_sizes):
+    """model(inputs) dicts for (seed, height, width) triples."""
+    return [{"image": image(s, h, w), "height": h, "width": w} for s, h, w in seeds_and_sizes]
