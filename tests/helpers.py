@@ -36,16 +36,36 @@ def make_cfg(kind="fpn", feature=True, **region_features):
     return cfg
 
 
-def tame(model, box_scale=0.02, cls_scale=0.3):
-    """
-    Scale down the box predictors' layers of a random-init model so that it gives spread,
-    realistic detections instead of huge box deltas and degenerate boxes.
-    """
+def _predictors(model):
     predictors = model.roi_heads.box_predictor
-    for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
-        predictor.bbox_pred.weight.data *= box_scale
-        predictor.bbox_pred.bias.data.zero_()
-        predictor.cls_score.weight.data *= cls_scale
+    return list(predictors) if isinstance(predictors, torch.nn.ModuleList) else [predictors]
+
+
+@torch.no_grad()
+def tame(model, logit_std=1.5, delta_std=0.1):
+    """
+    Rescale the box predictors of a random-init model (and its keypoint logits) so that it
+    gives spread, realistic detections instead of huge box deltas, near-certain scores and
+    degenerate boxes: each predictor's weights are redrawn from the fixed generator and
+    scaled by the size of the features it sees on a sample image.
+    """
+    seen = {}
+
+    def record_input(module, args, output):
+        seen[module] = args[0].flatten(1)
+
+    hooks = [p.register_forward_hook(record_input) for p in _predictors(model)]
+    model([{"image": image(12345)}])
+    for hook in hooks:
+        hook.remove()
+    for predictor in _predictors(model):
+        feature_rms = seen[predictor].pow(2).mean().sqrt().clamp(min=1e-6)
+        fan_in = predictor.cls_score.in_features
+        for layer, std in ((predictor.cls_score, logit_std), (predictor.bbox_pred, delta_std)):
+            layer.weight.normal_().mul_(std / (feature_rms * fan_in ** 0.5))
+            layer.bias.zero_()
+    if getattr(model.roi_heads, "keypoint_on", False):
+        model.roi_heads.keypoint_head.score_lowres.weight.mul_(1e-3)
     return model
 
 
