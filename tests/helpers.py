@@ -27,7 +27,7 @@ def make_cfg(kind="fpn", feature=True, **region_features):
     cfg.MODEL.ROI_HEADS.NAME = feature_head if feature else plain_head
     if kind != "keypoint":
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.2
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.1
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 200
     cfg.INPUT.MIN_SIZE_TEST = 224
     cfg.INPUT.MAX_SIZE_TEST = 320
@@ -44,11 +44,14 @@ def _predictors(model):
 @torch.no_grad()
 def tame(model, logit_std=1.5, delta_std=0.1):
     """
-    Rescale the box predictors of a random-init model (and its keypoint logits) so that it
-    gives spread, realistic detections instead of huge box deltas, near-certain scores and
-    degenerate boxes: each predictor's weights are redrawn from the fixed generator and
-    scaled by the size of the features it sees on a sample image.
+    Rescale the box predictors of a random-init model (and its RPN deltas and keypoint
+    logits) so that it gives spread, realistic detections instead of huge box deltas,
+    near-certain scores and degenerate boxes: each predictor's weights are redrawn from the
+    fixed generator and scaled by the size of the features it sees on a sample image.
     """
+    rpn_deltas = model.proposal_generator.rpn_head.anchor_deltas
+    rpn_deltas.weight.mul_(1e-2)
+    rpn_deltas.bias.zero_()
     seen = {}
 
     def record_input(module, args, output):
