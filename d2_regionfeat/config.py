@@ -5,6 +5,12 @@ SOURCES = ("box_head", "pooled")
 SELECTIONS = ("detections", "regions")
 BOX_MODES = ("proposal", "regressed")
 POOL_AT = ("proposal", "final")
+# detectron2's ROI heads and the Feature head standing in for each.
+FEATURE_HEADS = {
+    "StandardROIHeads": "FeatureROIHeads",
+    "Res5ROIHeads": "FeatureRes5ROIHeads",
+    "CascadeROIHeads": "FeatureCascadeROIHeads",
+}
 
 
 def add_regionfeat_config(cfg):
@@ -35,8 +41,9 @@ def add_regionfeat_config(cfg):
     node.CONF_THRESH = 0.2
     node.MIN_BOXES = 10
     node.MAX_BOXES = 100
-    # "regions" mode: "proposal" reports the proposal's box (as bottom-up-attention does),
-    # "regressed" the box regressed for the region's class.
+    # "regions" mode: "proposal" reports the box the region was pooled from (the proposal; for
+    # Cascade R-CNN the last stage's input box), as bottom-up-attention does;
+    # "regressed": the box regressed for the region's class.
     node.BOX = "proposal"
 
 
@@ -77,3 +84,20 @@ def region_features_node(cfg):
             f"MIN_BOXES ({node.MIN_BOXES})"
         )
     return node
+
+
+def use_feature_heads(cfg):
+    """
+    Switch ``cfg`` (in place) from a standard detectron2 ROI head to its Feature head; a
+    Feature head stays as it is. Raises ValueError for heads without a Feature counterpart.
+    """
+    name = cfg.MODEL.ROI_HEADS.NAME
+    if name in FEATURE_HEADS.values():
+        return cfg
+    if name not in FEATURE_HEADS:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NAME {name!r} has no Feature head; use one of "
+            f"{', '.join(FEATURE_HEADS)} or their Feature versions"
+        )
+    cfg.MODEL.ROI_HEADS.NAME = FEATURE_HEADS[name]
+    return cfg

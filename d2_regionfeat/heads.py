@@ -27,7 +27,8 @@ class RegionFeatureHeadsMixin:
     """
     What the Feature heads share. A head using it provides ``_pool`` (features and boxes to
     the pooled (R, C, S, S) map), ``_head`` (pooled map to the (R, D) predictor input) and
-    ``_feature_predictor`` (the predictor whose ``select`` makes the output regions).
+    the ``feature_predictor`` property (the predictor whose ``select`` makes the output
+    regions).
     """
 
     @configurable
@@ -43,10 +44,10 @@ class RegionFeatureHeadsMixin:
         super().__init__(**kwargs)
         self.region_source = region_source
         self.pool_at = pool_at
-        if not hasattr(self._feature_predictor, "select"):
+        if not hasattr(self.feature_predictor, "select"):
             raise TypeError(
                 f"{type(self).__name__} needs a box predictor with a select() method, such as "
-                f"FeatureFastRCNNOutputLayers; got {type(self._feature_predictor).__name__}"
+                f"FeatureFastRCNNOutputLayers; got {type(self.feature_predictor).__name__}"
             )
 
     @classmethod
@@ -54,11 +55,11 @@ class RegionFeatureHeadsMixin:
         ret = super().from_config(cfg, input_shape)
         node = region_features_node(cfg)
         ret.update(region_source=node.SOURCE, pool_at=node.POOL_AT)
-        cls._use_feature_predictor(cfg, ret)
+        cls._usefeature_predictor(cfg, ret)
         return ret
 
     @classmethod
-    def _use_feature_predictor(cls, cfg, ret):
+    def _usefeature_predictor(cls, cfg, ret):
         ret["box_predictor"] = feature_predictor_like(cfg, ret["box_predictor"])
 
     def region_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
@@ -72,10 +73,43 @@ class RegionFeatureHeadsMixin:
         Returns:
             Tensor: (sum of len(boxes[i]), D), images in order.
         """
-        pooled = self._pool(features, boxes)
+        return self._source_features(self._pool(features, boxes))
+
+    def _source_features(self, pooled, head_out=None):
+        """Region features from the (R, C, S, S) pooled map, or ``head_out`` if computed."""
         if self.region_source == "pooled":
             return pooled.mean(dim=[2, 3])
-        return self._head(pooled)
+        return self._head(pooled) if head_out is None else head_out
+
+    def forward_with_given_boxes(self, features, instances: List[Instances]):
+        """
+        As in detectron2 (masks, keypoints for the given ``pred_boxes``); given boxes that
+        come without region fields (``model.inference(inputs, detected_instances=...)``)
+        first get them from the box head and predictor, without the RPN:
+
+        * ``box_features`` (M, D) as configured by ``region_source``;
+        * ``class_probs`` (M, K+1) from the predictor (the last stage's for Cascade);
+        * ``proposal_index`` (M,): the row among the given boxes;
+        * ``pred_classes`` and ``scores``, where missing: the most probable foreground class
+          and its probability.
+        """
+        if instances and not instances[0].has("box_features"):
+            self._describe_given_boxes(features, instances)
+        return super().forward_with_given_boxes(features, instances)
+
+    def _describe_given_boxes(self, features, instances):
+        pooled = self._pool(features, [x.pred_boxes for x in instances])
+        head_out = self._head(pooled)
+        region_features = self._source_features(pooled, head_out)
+        predictor = self.feature_predictor
+        probs = predictor.predict_probs(predictor(head_out), instances)
+        sizes = [len(x) for x in instances]
+        for x, feats, probs_i in zip(instances, region_features.split(sizes), probs):
+            x.box_features = feats
+            x.class_probs = probs_i
+            x.proposal_index = torch.arange(len(x), device=probs_i.device)
+            if not x.has("pred_classes"):
+                x.scores, x.pred_classes = probs_i[:, :-1].max(dim=1)
 
     def _finish_region_features(self, features, proposals, instances):
         """
@@ -101,7 +135,7 @@ class FeatureROIHeads(RegionFeatureHeadsMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (FPN, Keypoint R-CNN, ...) returning region features."""
 
     @property
-    def _feature_predictor(self):
+    def feature_predictor(self):
         return self.box_predictor
 
     def _pool(self, features, boxes):
@@ -123,7 +157,7 @@ class FeatureRes5ROIHeads(RegionFeatureHeadsMixin, Res5ROIHeads):
     the res5 output averaged over its cells (2048-d for ResNet-50/101)."""
 
     @property
-    def _feature_predictor(self):
+    def feature_predictor(self):
         return self.box_predictor
 
     def _pool(self, features, boxes):
@@ -145,11 +179,11 @@ class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
     proposals are the boxes regressed by the stage before it."""
 
     @classmethod
-    def _use_feature_predictor(cls, cfg, ret):
+    def _usefeature_predictor(cls, cfg, ret):
         ret["box_predictors"][-1] = feature_predictor_like(cfg, ret["box_predictors"][-1])
 
     @property
-    def _feature_predictor(self):
+    def feature_predictor(self):
         return self.box_predictor[-1]
 
     def _pool(self, features, boxes):
@@ -177,7 +211,7 @@ class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
             sum(list(probs_per_image)) * (1.0 / self.num_cascade_stages)
             for probs_per_image in zip(*probs_per_stage)
         ]
-        instances, _ = self._feature_predictor.select(
+        instances, _ = self.feature_predictor.select(
             boxes, probs, predictions.features, stage_proposals
         )
         self._finish_region_features(features, stage_proposals, instances)

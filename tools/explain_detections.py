@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""
+Explain, stage by stage, how a detectron2 model goes from proposals to its final
+detections on an image: how many proposals score above the threshold, how many
+(proposal, class) candidates that gives, what NMS removes (and by which kept box), what the
+top-k limit and postprocessing remove.
+
+    python tools/explain_detections.py --config-file CFG --input IMG [IMG ...] \
+        [--thresh 0.5] [--json] [--opts MODEL.WEIGHTS model.pth ...]
+
+A config with plain ROI heads (StandardROIHeads, Res5ROIHeads, CascadeROIHeads) is switched
+to their Feature versions, which give the same detections.
+"""
+import argparse
+import json
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.data.detection_utils import read_image
+
+from d2_regionfeat.config import use_feature_heads
+from d2_regionfeat.explain import explain_detections, format_report
+from d2_regionfeat.given_boxes import RegionPredictor
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", required=True, nargs="+", metavar="IMAGE")
+    parser.add_argument("--thresh", type=float, default=None,
+                        help="score threshold to explain (default: the config's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config KEY VALUE pairs, as in detectron2's tools")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    predictor = RegionPredictor(use_feature_heads(cfg))
+    reports = {}
+    for path in args.input:
+        inputs = predictor.model_inputs(read_image(path, format=cfg.INPUT.FORMAT))
+        (reports[path],) = explain_detections(predictor.model, [inputs], args.thresh)
+    if args.json:
+        print(json.dumps(reports, indent=1))
+    else:
+        print("\n\n".join(format_report(report, path) for path, report in reports.items()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"explain_detections: error: {e}")
