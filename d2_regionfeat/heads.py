@@ -25,10 +25,10 @@ from .predictor import feature_predictor_like
 
 class RegionFeatureHeadsMixin:
     """
-    What the Feature heads share. A head using it provides ``_pool`` (features and boxes to
-    the pooled (R, C, S, S) map), ``_head`` (pooled map to the (R, D) predictor input) and
-    the ``feature_predictor`` property (the predictor whose ``select`` makes the output
-    regions).
+    What the Feature heads share. A head using it provides ``_head`` (pooled (R, C, S, S)
+    map to the (R, D) predictor input) and, where detectron2's attribute names differ from
+    StandardROIHeads', ``_pool`` (features and boxes to the pooled map) and the
+    ``feature_predictor`` property (the predictor whose ``select`` makes the regions).
     """
 
     @configurable
@@ -55,12 +55,19 @@ class RegionFeatureHeadsMixin:
         ret = super().from_config(cfg, input_shape)
         node = region_features_node(cfg)
         ret.update(region_source=node.SOURCE, pool_at=node.POOL_AT)
-        cls._usefeature_predictor(cfg, ret)
+        cls._use_feature_predictor(cfg, ret)
         return ret
 
     @classmethod
-    def _usefeature_predictor(cls, cfg, ret):
+    def _use_feature_predictor(cls, cfg, ret):
         ret["box_predictor"] = feature_predictor_like(cfg, ret["box_predictor"])
+
+    @property
+    def feature_predictor(self):
+        return self.box_predictor
+
+    def _pool(self, features, boxes):
+        return self.box_pooler([features[f] for f in self.box_in_features], boxes)
 
     def region_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
         """
@@ -134,13 +141,6 @@ class RegionFeatureHeadsMixin:
 class FeatureROIHeads(RegionFeatureHeadsMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (FPN, Keypoint R-CNN, ...) returning region features."""
 
-    @property
-    def feature_predictor(self):
-        return self.box_predictor
-
-    def _pool(self, features, boxes):
-        return self.box_pooler([features[f] for f in self.box_in_features], boxes)
-
     def _head(self, pooled):
         return self.box_head(pooled).flatten(1)
 
@@ -155,10 +155,6 @@ class FeatureROIHeads(RegionFeatureHeadsMixin, StandardROIHeads):
 class FeatureRes5ROIHeads(RegionFeatureHeadsMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (C4 models) returning region features; "box_head" features are
     the res5 output averaged over its cells (2048-d for ResNet-50/101)."""
-
-    @property
-    def feature_predictor(self):
-        return self.box_predictor
 
     def _pool(self, features, boxes):
         return self.pooler([features[f] for f in self.in_features], boxes)
@@ -179,15 +175,12 @@ class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
     proposals are the boxes regressed by the stage before it."""
 
     @classmethod
-    def _usefeature_predictor(cls, cfg, ret):
+    def _use_feature_predictor(cls, cfg, ret):
         ret["box_predictors"][-1] = feature_predictor_like(cfg, ret["box_predictors"][-1])
 
     @property
     def feature_predictor(self):
         return self.box_predictor[-1]
-
-    def _pool(self, features, boxes):
-        return self.box_pooler([features[f] for f in self.box_in_features], boxes)
 
     def _head(self, pooled):
         return self.box_head[-1](pooled).flatten(1)
