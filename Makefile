@@ -10,8 +10,11 @@ DEPS_STAMP := $(VENV)/.deps-$(DEPS_HASH)
 $(PY):
 	python3 -m venv $(VENV)
 
+# torch and detectron2 already in the environment (VENV pointing at your own) are kept.
 $(DEPS_STAMP): | $(PY)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q "setuptools<81" wheel
+	$(PY) -c "import torch, torchvision" 2>/dev/null || \
+		$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	rm -f $(VENV)/.deps-* && touch $@
