@@ -34,7 +34,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        # pycocotools' own evaluation: the fast one needs detectron2's compiled extension.
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
 
 def _env_info():
