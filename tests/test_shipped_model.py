@@ -87,9 +87,15 @@ def test_split_is_written_once_and_registered(tmp_path):
             MetadataCatalog.remove(name)
 
 
-def test_unknown_split_is_a_clear_error():
+def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown split 'test'"):
         image_seed(0, "test", 0)
+    with pytest.raises(ValueError, match="Unknown split 'test'"):
+        load_synthetic_shapes(str(tmp_path), "test")
+    with pytest.raises(ValueError, match="num_images must be at least 1"):
+        load_synthetic_shapes(str(tmp_path), "val", num_images=0)
+    with pytest.raises(ValueError, match="height must be at least"):
+        render_image(0, height=20, width=300)
 
 
 # ---------------------------------------------------------------- the shipped model

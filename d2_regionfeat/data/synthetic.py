@@ -30,6 +30,8 @@ VERSION = 1
 IMAGE_SIZE_RANGE = (240, 320)
 OBJECTS_RANGE = (2, 6)
 RADIUS_RANGE = (12, 48)
+MIN_AREA = 150  # pixels of an object inside the image, at least
+MAX_OUTSIDE = 0.3  # the part of an object's radius its centre may lie off the image edge
 MIN_VISIBLE = 0.6  # an object stays at least this visible when others are drawn over it
 MIN_CONTRAST = 90  # L1 distance (over RGB) between an object's colour and the background
 
@@ -103,6 +105,9 @@ def render_image(seed, height: int = None, width: int = None):
             :data:`CLASSES`), ``mask`` ((H, W) bool, its visible pixels) and ``bbox``
             (x0, y0, x1, y1) in pixels, the extent of ``mask`` (x1, y1 exclusive).
     """
+    for name, size in (("height", height), ("width", width)):
+        if size is not None and size < 2 * RADIUS_RANGE[1]:
+            raise ValueError(f"{name} must be at least {2 * RADIUS_RANGE[1]} pixels; got {size}")
     rng = np.random.default_rng(seed)
     height = height or int(rng.integers(IMAGE_SIZE_RANGE[0], IMAGE_SIZE_RANGE[1] + 1))
     width = width or int(rng.integers(IMAGE_SIZE_RANGE[0], IMAGE_SIZE_RANGE[1] + 1))
@@ -113,12 +118,13 @@ def render_image(seed, height: int = None, width: int = None):
         for _attempt in range(20):
             category = int(rng.integers(len(CLASSES)))
             r = rng.uniform(*RADIUS_RANGE)
-            cx, cy = rng.uniform(r * 0.7, width - r * 0.7), rng.uniform(r * 0.7, height - r * 0.7)
+            margin = r * (1 - MAX_OUTSIDE)
+            cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
             polygon = _shape_polygon(CLASSES[category], cx, cy, r, rng.uniform(0, 2 * np.pi))
             canvas = Image.new("L", (width, height), 0)
             ImageDraw.Draw(canvas).polygon(polygon, fill=1)
             mask = np.asarray(canvas, dtype=bool)
-            if mask.sum() < 150:
+            if mask.sum() < MIN_AREA:
                 continue
             still_visible = visible & ~mask
             if (still_visible.sum(axis=(1, 2)) >= MIN_VISIBLE * np.array(areas)).all():
@@ -189,7 +195,11 @@ def load_synthetic_shapes(root: str, split: str, num_images: int = None, seed: i
         list[dict]: in detectron2's standard dataset format; ``segmentation`` is COCO RLE,
         so train with ``INPUT.MASK_FORMAT: "bitmask"``.
     """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     num_images = SPLITS[split][1] if num_images is None else num_images
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1; got {num_images}")
     folder = os.path.join(os.path.expanduser(root), f"{split}_seed{seed}")
     index_file = os.path.join(folder, "annotations.json")
     key = {"version": VERSION, "num_images": num_images}
@@ -197,18 +207,23 @@ def load_synthetic_shapes(root: str, split: str, num_images: int = None, seed: i
         with open(index_file) as f:
             cached = json.load(f)
         if cached["key"] == key:
-            return cached["records"]
+            return _with_folder(cached["records"], folder)
     os.makedirs(folder, exist_ok=True)
     records = []
     for index in range(num_images):
         image, annotations = render_image(image_seed(seed, split, index))
-        file_name = os.path.join(folder, f"{index:05d}.png")
-        Image.fromarray(image).save(file_name)
+        file_name = f"{index:05d}.png"
+        Image.fromarray(image).save(os.path.join(folder, file_name))
         records.append(_to_record(file_name, index, image, annotations))
     with open(index_file + ".tmp", "w") as f:
         json.dump({"key": key, "records": records}, f)
     os.replace(index_file + ".tmp", index_file)
-    return records
+    return _with_folder(records, folder)
+
+
+def _with_folder(records: List[Dict], folder: str) -> List[Dict]:
+    """``records`` with file names (stored relative, so the cache can move) under ``folder``."""
+    return [dict(r, file_name=os.path.join(folder, r["file_name"])) for r in records]
 
 
 def register_synthetic_shapes(root: str, seed: int = 0, prefix: str = DATASET_PREFIX):
