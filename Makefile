@@ -25,3 +25,7 @@ install: $(DEPS_STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The shipped default model over demo/images: features (.npz) and overview.png in demo_out/.
+demo: install
+	$(PY) tools/demo.py --output demo_out

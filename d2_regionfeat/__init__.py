@@ -1,11 +1,13 @@
 """
 d2_regionfeat: region features from detectron2 detectors, through config keys alone.
 
-Importing this package registers the Feature ROI heads and box predictors, and adds the
-``MODEL.REGION_FEATURES`` node to detectron2's default config.
+Importing this package registers the Feature ROI heads and box predictors and the narrow
+ResNet-FPN backbone of the shipped default model, and adds the ``MODEL.REGION_FEATURES``
+node to detectron2's default config.
 """
 from detectron2.config.defaults import _C as _detectron2_defaults
 
+from .backbone import build_narrow_resnet_fpn_backbone
 from .config import add_regionfeat_config
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .predictor import (
@@ -19,6 +21,7 @@ add_regionfeat_config(_detectron2_defaults)
 
 __all__ = [
     "add_regionfeat_config",
+    "build_narrow_resnet_fpn_backbone",
     "FeatureROIHeads",
     "FeatureRes5ROIHeads",
     "FeatureCascadeROIHeads",

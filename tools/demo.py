@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""
+Run the shipped default model over images through detectron2's DefaultPredictor and the
+Feature heads, and write what it finds:
+
+* ``<output>/<image name>.npz`` per image: ``x`` (N, D) float32 region features, ``bbox``
+  (N, 4) x1y1x2y2 in original image pixels, ``num_bbox``, ``image_h``, ``image_w``,
+  ``objects_id`` (N,) classes, ``objects_conf`` (N,) scores, ``cls_prob`` (N, K+1);
+* ``<output>/overview.png``: each image with its boxes, class names and scores, beside a
+  2-D PCA projection of all regions' features coloured by class.
+
+    python tools/demo.py                       # demo/images -> demo_out
+    python tools/demo.py --images my_pics --output out MODEL.REGION_FEATURES.SOURCE pooled
+"""
+import argparse
+import glob
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from d2_regionfeat.data.synthetic import CLASS_COLORS, CLASSES  # noqa: E402
+from d2_regionfeat.default_model import get_default_model_cfg  # noqa: E402
+
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.engine import DefaultPredictor  # noqa: E402
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Region features of the shipped default model")
+    parser.add_argument("--images", default=os.path.join(REPO_ROOT, "demo", "images"),
+                        help="a folder of images, or image files")
+    parser.add_argument("--output", default="demo_out", help="folder for the .npz files and overview.png")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                        help="minimum score of the detections kept")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides, KEY VALUE pairs")
+    return parser.parse_args()
+
+
+def image_files(path):
+    """The image files of ``path`` (a folder or a file), sorted; errors if there are none."""
+    files = [path] if os.path.isfile(path) else sorted(
+        f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not files:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found at {path}")
+    return files
+
+
+def regions_of(predictor, path):
+    """The image (H, W, 3) RGB and its regions, as the arrays written to the .npz file."""
+    image = read_image(path, format="BGR")
+    instances = predictor(image)["instances"].to("cpu")
+    boxes = instances.pred_boxes.tensor.numpy().astype(np.float32)
+    regions = {
+        "x": instances.box_features.numpy().astype(np.float32),
+        "bbox": boxes,
+        "num_bbox": np.int64(len(instances)),
+        "image_h": np.int64(image.shape[0]),
+        "image_w": np.int64(image.shape[1]),
+        "objects_id": instances.pred_classes.numpy().astype(np.int64),
+        "objects_conf": instances.scores.numpy().astype(np.float32),
+        "cls_prob": instances.class_probs.numpy().astype(np.float32),
+    }
+    return image[:, :, ::-1], regions
+
+
+def pca_2d(features):
+    """(N, D) -> (N, 2): projection on the two main principal axes."""
+    centered = features - features.mean(axis=0, keepdims=True)
+    _, _, axes = np.linalg.svd(centered, full_matrices=False)
+    return centered @ axes[:2].T
+
+
+def class_color(class_id):
+    return np.array(CLASS_COLORS[class_id]) / 255.0
+
+
+def draw_overview(images, regions, names, output_file):
+    """Images with their boxes in a grid, and the PCA of all region features beside them."""
+    columns = min(3, len(images))
+    rows = -(-len(images) // columns)
+    fig = plt.figure(figsize=(4 * columns + 6, 4 * rows))
+    grid = fig.add_gridspec(rows, columns + 2)
+    for i, (image, r, name) in enumerate(zip(images, regions, names)):
+        ax = fig.add_subplot(grid[i // columns, i % columns])
+        ax.imshow(image)
+        for (x1, y1, x2, y2), c, s in zip(r["bbox"], r["objects_id"], r["objects_conf"]):
+            color = class_color(c)
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, lw=2))
+            ax.text(x1, y1, f"{CLASSES[c]} {s:.2f}", fontsize=7, color="white", va="bottom",
+                    bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
+        ax.set_title(f"{name}: {int(r['num_bbox'])} regions", fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[:, columns:])
+    features = np.concatenate([r["x"] for r in regions])
+    classes = np.concatenate([r["objects_id"] for r in regions])
+    if len(features) >= 2:
+        points = pca_2d(features)
+        for c, name in enumerate(CLASSES):
+            chosen = classes == c
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=30, color=class_color(c),
+                       label=f"{name} ({chosen.sum()})", edgecolors="k", linewidths=0.3)
+        ax.legend(fontsize=8)
+    ax.set_title(f"PCA of the {len(features)} regions' {features.shape[1]}-d features", fontsize=10)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    fig.tight_layout()
+    fig.savefig(output_file, dpi=80)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    cfg = get_default_model_cfg()
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.MODEL.REGION_FEATURES.CLASS_PROBS = True  # cls_prob is part of the output
+    predictor = DefaultPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    images, regions, names = [], [], []
+    for path in image_files(args.images):
+        image, r = regions_of(predictor, path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        np.savez(os.path.join(args.output, name + ".npz"), **r)
+        print(f"{path}: {int(r['num_bbox'])} regions, features {r['x'].shape}")
+        images.append(image)
+        regions.append(r)
+        names.append(name)
+    overview = os.path.join(args.output, "overview.png")
+    draw_overview(images, regions, names, overview)
+    print(f"\nWrote {len(names)} feature files (.npz) to {os.path.abspath(args.output)}/")
+    print(f"Wrote the overview (detections and PCA of the features) to {os.path.abspath(overview)}")
+
+
+if __name__ == "__main__":
+    main()
