@@ -1,0 +1,293 @@
+"""
+Feature extraction at dataset scale: the work of ``tools/extract_net.py``.
+
+:func:`prepare_job` checks everything a run needs (config, weights, inputs, output folder)
+before any process starts; :func:`extract` is what every process (rank) runs: it extracts
+its contiguous shard of the inputs (detectron2's ``InferenceSampler`` split) into its parts
+of the outputs, and rank 0 then merges the parts, completes the manifest and prints a
+summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.writers`.
+"""
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.samplers import InferenceSampler
+from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+
+from .config import region_features_node
+from .heads import RegionFeatureHeadsMixin
+from .inputs import ImageDataset, ImageItem, list_inputs, one_line
+from .io import FAILURES_NAME, read_features
+from .manifest import (
+    MANIFEST_VERSION,
+    claim_output_folder,
+    package_versions,
+    read_manifest,
+    sha256_file,
+    sha256_text,
+    write_manifest,
+)
+from .writers import WRITERS, FailureLog
+
+logger = logging.getLogger(__name__)
+
+
+class ExtractionError(RuntimeError):
+    """A problem with the settings of a run, reported as one line."""
+
+
+@dataclass
+class ExtractionJob:
+    """Everything a rank needs; made by :func:`prepare_job`."""
+
+    cfg: object
+    items: List[ImageItem]
+    output_dir: str
+    formats: List[str]
+    batch_size: int = 4
+    num_workers: int = 2
+    fp16: bool = False
+    # The output folder already holds the finished run.
+    complete: bool = False
+
+
+def _local_weights(cfg):
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ExtractionError("MODEL.WEIGHTS is not set: give the checkpoint to extract with")
+    try:
+        path = PathManager.get_local_path(weights)
+    except Exception as e:  # any handler (http, detectron2://, ...) may fail its own way
+        raise ExtractionError(f"weights {weights} cannot be fetched ({one_line(e)})")
+    if not os.path.isfile(path):
+        raise ExtractionError(f"weights file {weights} not found")
+    return path
+
+
+def _config_sha256(cfg):
+    """Checksum of the config, less the keys that do not change the features' meaning."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = ""
+    cfg.MODEL.WEIGHTS = ""
+    return sha256_text(cfg.dump())
+
+
+def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
+                limit=0, claim=True, **options) -> ExtractionJob:
+    """
+    Check a run's settings, list its inputs and claim its output folder (writing the
+    initial manifest there).
+
+    Args:
+        cfg: the frozen config of the model.
+        source, image_root, limit: what to extract, see :func:`inputs.list_inputs`.
+        formats: names in :data:`writers.WRITERS`.
+        world_size: the number of processes of the run (their parts are named by it).
+        resume: continue the run that made ``output_dir``.
+        claim: check and claim the output folder (the first machine of a run does; the
+            others' processes start only once it has).
+        options: the other fields of :class:`ExtractionJob`.
+
+    Raises:
+        ExtractionError, InputError, OutputFolderError: with a one-line message.
+    """
+    region_features_node(cfg)
+    head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    if not issubclass(head, RegionFeatureHeadsMixin):
+        raise ExtractionError(
+            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
+            "use a Feature head (merge configs/region_features.yaml)"
+        )
+    unknown = [f for f in formats if f not in WRITERS]
+    if unknown or not formats:
+        raise ExtractionError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
+    weights = _local_weights(cfg)
+    items = list_inputs(source, image_root, limit)
+    if not items:
+        raise ExtractionError(f"--input {source} holds no images")
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "complete": False,
+        "config": cfg.dump(),
+        "config_sha256": _config_sha256(cfg),
+        "weights": cfg.MODEL.WEIGHTS,
+        "weights_sha256": sha256_file(weights),
+        "formats": list(formats),
+        "format_versions": {f: WRITERS[f].version for f in formats},
+        "fp16": bool(options.get("fp16", False)),
+        "world_size": world_size,
+        "input": source,
+        "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
+        "versions": package_versions(),
+    }
+    complete = claim and claim_output_folder(output_dir, manifest, resume)["complete"]
+    return ExtractionJob(
+        cfg=cfg, items=items, output_dir=output_dir, formats=list(formats), complete=complete, **options
+    )
+
+
+class BatchExtractor:
+    """
+    Runs a region-feature model over decoded images as :class:`DefaultPredictor` does one at
+    a time: the images of a batch are grouped by their padded size, so that each one's
+    detections are those it gets alone (a batch padded to a larger size would add anchors).
+    """
+
+    def __init__(self, cfg, fp16=False):
+        self.model = build_model(cfg).eval()
+        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.divisibility = max(1, self.model.backbone.size_divisibility)
+        self.fp16 = fp16
+
+    def _padded_size(self, image):
+        d = self.divisibility
+        return tuple(-(-s // d) * d for s in image.shape[-2:])
+
+    @torch.no_grad()
+    def __call__(self, inputs: List[Dict]) -> List[Dict]:
+        """
+        Args:
+            inputs: :class:`inputs.ImageDataset` items ("item", "image", "height", "width").
+
+        Returns:
+            the records (see :mod:`d2_regionfeat.io`) of ``inputs``, in order.
+        """
+        groups = defaultdict(list)
+        for index, x in enumerate(inputs):
+            groups[self._padded_size(x["image"])].append(index)
+        records = [None] * len(inputs)
+        for indices in groups.values():
+            batch = [{k: inputs[i][k] for k in ("image", "height", "width")} for i in indices]
+            for i, output in zip(indices, self.model(batch)):
+                records[i] = self._record(inputs[i], output["instances"].to("cpu"))
+        return records
+
+    def _record(self, x, instances):
+        record = {
+            "image_id": x["item"].image_id,
+            "image_h": x["height"],
+            "image_w": x["width"],
+            "num_bbox": len(instances),
+            "x": instances.box_features.numpy().astype(np.float16 if self.fp16 else np.float32),
+            "bbox": instances.pred_boxes.tensor.numpy().astype(np.float32),
+            "objects_id": instances.pred_classes.numpy().astype(np.int64),
+            "objects_conf": instances.scores.numpy().astype(np.float32),
+        }
+        if instances.has("class_probs"):
+            record["cls_prob"] = instances.class_probs.numpy().astype(np.float32)
+        return record
+
+
+def _as_list(batch):
+    return batch
+
+
+def _extract_shard(job: ExtractionJob, shard: List[ImageItem]) -> Dict:
+    """Extract ``shard`` into this rank's parts; returns this session's counts."""
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    writers = [WRITERS[f](job.output_dir, rank, world_size) for f in job.formats]
+    failures = FailureLog(job.output_dir, rank, world_size)
+    written = [w.written() for w in writers]
+    recorded = failures.ids | set.intersection(*written)
+    # Batches are cut from the whole shard, so a resumed run batches as an uninterrupted one.
+    batches = [list(range(i, min(i + job.batch_size, len(shard)))) for i in range(0, len(shard), job.batch_size)]
+    todo = [b for b in batches if any(shard[i].image_id not in recorded for i in b)]
+    stats = {"skipped": sum(i.image_id in recorded for i in shard), "done": 0, "failed": 0, "regions": []}
+    if todo:
+        extractor = BatchExtractor(job.cfg, job.fp16)
+        dataset = ImageDataset(
+            shard, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
+        )
+        with tqdm(total=len(shard), initial=stats["skipped"], unit="img", dynamic_ncols=True,
+                  disable=not comm.is_main_process(), desc=f"extract (rank 0 of {world_size})") as bar:
+            for batch in loader:
+                batch = [x for x in batch if x["item"].image_id not in recorded]
+                bad = [x for x in batch if "error" in x]
+                records = extractor([x for x in batch if "error" not in x])
+                for writer, ids in zip(writers, written):
+                    writer.write([r for r in records if r["image_id"] not in ids])
+                failures.add(
+                    [{"image_id": x["item"].image_id, "path": x["item"].path, "reason": x["error"]} for x in bad]
+                )
+                stats["done"] += len(records)
+                stats["failed"] += len(bad)
+                stats["regions"] += [r["num_bbox"] for r in records]
+                bar.update(len(batch))
+    for writer in writers:
+        writer.close()
+    failures.close()
+    return stats
+
+
+def _finish(job: ExtractionJob):
+    """Rank 0, all ranks done: merge the parts, complete the manifest."""
+    world_size = comm.get_world_size()
+    for name in job.formats:
+        WRITERS[name].merge(job.output_dir, world_size)
+    FailureLog.merge(job.output_dir, world_size)
+    with open(os.path.join(job.output_dir, FAILURES_NAME)) as f:
+        num_failed = sum(1 for _ in f)
+    first = next(read_features(os.path.join(job.output_dir), job.formats[0]), None)
+    manifest = read_manifest(job.output_dir)
+    manifest.update(
+        complete=True,
+        counts={"inputs": len(job.items), "written": len(job.items) - num_failed, "failed": num_failed},
+        feature_dim=None if first is None else int(first["x"].shape[1]),
+        num_classes=int(job.cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+    )
+    write_manifest(job.output_dir, manifest)
+    shutil.rmtree(os.path.join(job.output_dir, "parts"), ignore_errors=True)
+
+
+def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
+    """The end-of-run report: counts of this session and of the folder, regions, time."""
+    done = sum(s["done"] for s in stats)
+    regions = [n for s in stats for n in s["regions"]]
+    counts = manifest["counts"]
+    lines = [
+        f"Extraction summary: {output_dir} ({', '.join(manifest['formats'])})",
+        f"  this run   done {done}, skipped {sum(s['skipped'] for s in stats)} (already there), "
+        f"failed {sum(s['failed'] for s in stats)}",
+        f"  in folder  {counts['written']} of {counts['inputs']} images, {counts['failed']} failed"
+        + (f" (reasons in {FAILURES_NAME})" if counts["failed"] else ""),
+    ]
+    if regions:
+        lines.append(
+            f"  regions    per image min {min(regions)}, mean {np.mean(regions):.1f}, max {max(regions)}"
+            f"; feature dim {manifest['feature_dim']}"
+        )
+    lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    return "\n".join(lines)
+
+
+def extract(job: ExtractionJob):
+    """What each rank runs: its shard, then (rank 0) the merge and summary."""
+    start = time.perf_counter()
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    shard = [job.items[i] for i in InferenceSampler._get_local_indices(len(job.items), world_size, rank)]
+    if job.complete:
+        stats = {"skipped": len(shard), "done": 0, "failed": 0, "regions": []}
+    else:
+        stats = _extract_shard(job, shard)
+    stats = comm.gather(stats, dst=0)
+    if comm.is_main_process():
+        if not job.complete:
+            _finish(job)
+        seconds = time.perf_counter() - start
+        print(summary(job.output_dir, read_manifest(job.output_dir), stats, seconds))
+    comm.synchronize()
