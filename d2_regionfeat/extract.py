@@ -194,36 +194,44 @@ def _as_list(batch):
     return batch
 
 
-def _extract_shard(job: ExtractionJob, shard: List[ImageItem]) -> Dict:
-    """Extract ``shard`` into this rank's parts; returns this session's counts."""
+def _new_stats(skipped):
+    """A rank's counts for the summary: images, regions per image, seconds in model/writers."""
+    return {"skipped": skipped, "done": 0, "failed": 0, "regions": [], "model_s": 0.0, "write_s": 0.0}
+
+
+def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
+    """Extract this rank's ``batches`` (of indices into ``job.items``) into its parts."""
     rank, world_size = comm.get_rank(), comm.get_world_size()
     writers = [WRITERS[f](job.output_dir, rank, world_size) for f in job.formats]
     failures = FailureLog(job.output_dir, rank, world_size)
     written = [w.written() for w in writers]
     recorded = failures.ids | set.intersection(*written)
-    # Batches are cut from the whole shard, so a resumed run batches as an uninterrupted one.
-    batches = [list(range(i, min(i + job.batch_size, len(shard)))) for i in range(0, len(shard), job.batch_size)]
-    todo = [b for b in batches if any(shard[i].image_id not in recorded for i in b)]
-    stats = {"skipped": sum(i.image_id in recorded for i in shard), "done": 0, "failed": 0, "regions": []}
+    todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
+    total = sum(len(b) for b in batches)
+    stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
     if todo:
         extractor = BatchExtractor(job.cfg, job.fp16)
         dataset = ImageDataset(
-            shard, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
+            job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
         )
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
         )
-        with tqdm(total=len(shard), initial=stats["skipped"], unit="img", dynamic_ncols=True,
+        with tqdm(total=total, initial=stats["skipped"], unit="img", dynamic_ncols=True,
                   disable=not comm.is_main_process(), desc=f"extract (rank 0 of {world_size})") as bar:
             for batch in loader:
                 batch = [x for x in batch if x["item"].image_id not in recorded]
                 bad = [x for x in batch if "error" in x]
+                tick = time.perf_counter()
                 records = extractor([x for x in batch if "error" not in x])
+                tock = time.perf_counter()
                 for writer, ids in zip(writers, written):
                     writer.write([r for r in records if r["image_id"] not in ids])
                 failures.add(
                     [{"image_id": x["item"].image_id, "path": x["item"].path, "reason": x["error"]} for x in bad]
                 )
+                stats["model_s"] += tock - tick
+                stats["write_s"] += time.perf_counter() - tock
                 stats["done"] += len(records)
                 stats["failed"] += len(bad)
                 stats["regions"] += [r["num_bbox"] for r in records]
@@ -272,18 +280,32 @@ def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
             f"; feature dim {manifest['feature_dim']}"
         )
     lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    model_s, write_s = sum(s["model_s"] for s in stats), sum(s["write_s"] for s in stats)
+    if done:
+        lines.append(
+            f"  per rank   model {model_s:.1f} s, writing {write_s:.2f} s "
+            f"({100 * write_s / max(model_s + write_s, 1e-9):.1f}% of both), summed over ranks"
+        )
     return "\n".join(lines)
 
 
 def extract(job: ExtractionJob):
-    """What each rank runs: its shard, then (rank 0) the merge and summary."""
+    """
+    What each rank runs: its shard, then (rank 0) the merge and summary.
+
+    The inputs are cut into batches of ``job.batch_size`` first, and the batches shared out
+    in contiguous runs (as ``InferenceSampler`` shares images): every image is batched with
+    the same others whatever the number of processes, or of resumes.
+    """
     start = time.perf_counter()
     rank, world_size = comm.get_rank(), comm.get_world_size()
-    shard = [job.items[i] for i in InferenceSampler._get_local_indices(len(job.items), world_size, rank)]
+    step, size = job.batch_size, len(job.items)
+    batches = [list(range(i, min(i + step, size))) for i in range(0, size, step)]
+    batches = [batches[b] for b in InferenceSampler._get_local_indices(len(batches), world_size, rank)]
     if job.complete:
-        stats = {"skipped": len(shard), "done": 0, "failed": 0, "regions": []}
+        stats = _new_stats(skipped=sum(map(len, batches)))
     else:
-        stats = _extract_shard(job, shard)
+        stats = _extract_batches(job, batches)
     stats = comm.gather(stats, dst=0)
     if comm.is_main_process():
         if not job.complete:

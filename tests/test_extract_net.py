@@ -41,6 +41,8 @@ pytestmark = pytest.mark.timeout(600)
 def tool_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # the same threads per process in every run: CPU convolutions then agree to the bit
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -209,24 +211,13 @@ def folder_bytes(folder):
     }
 
 
-def assert_same_output(out, reference_out, exact=True):
-    """Same files (npz, tsv, failures, manifest) and the same hdf5/lmdb records."""
-    if exact:
-        assert folder_bytes(out) == folder_bytes(reference_out)
-    for fmt in FORMATS:
-        got, want = by_id(read_features(str(out), fmt)), by_id(read_features(str(reference_out), fmt))
-        if exact:
-            assert_same_records(got, want)
-        else:
-            assert got.keys() == want.keys()
-            for image_id, record in got.items():
-                for key, value in record.items():
-                    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                        np.testing.assert_allclose(value, want[image_id][key], rtol=1e-4, atol=1e-2)
-                    else:
-                        np.testing.assert_array_equal(value, want[image_id][key])
-    if exact:
-        assert [r["image_id"] for r in read_features(str(out), "hdf5")] == sorted(IMAGES)
+def assert_same_output(out, reference_out):
+    """Same files (npz, tsv, failures, manifest), the same hdf5/lmdb records in the same order."""
+    assert folder_bytes(out) == folder_bytes(reference_out)
+    for fmt in ("hdf5", "lmdb"):
+        got, want = list(read_features(str(out), fmt)), list(read_features(str(reference_out), fmt))
+        assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
+        assert_same_records(by_id(got), by_id(want))
 
 
 def test_sigkill_then_resume_gives_identical_outputs(model, image_set, reference, tmp_path):
@@ -403,5 +394,5 @@ def test_two_processes_equal_one(model, image_set, reference, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["counts"] == {"inputs": 5, "written": 5, "failed": 0}
     assert not (out / "parts").exists()
-    assert_same_output(out, reference.out, exact=False)
-    assert [r["image_id"] for r in read_features(str(out), "tsv")] == sorted(IMAGES)
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, world_size=1), indent=2, sort_keys=True) + "\n")
+    assert_same_output(out, reference.out)
