@@ -208,7 +208,7 @@ class ImageDataset(torch.utils.data.Dataset):
             return {"item": item, "error": item.error}
         try:
             original = decode_image(item.path, self.image_format)
-        except (OSError, ValueError, SyntaxError) as e:
+        except Exception as e:  # whatever one file does (PIL raises many types) fails it alone
             return {"item": item, "error": one_line(e)}
         height, width = original.shape[:2]
         resized = self.resize.get_transform(original).apply_image(original)

@@ -22,8 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
+from d2_regionfeat.inputs import ImageItem, list_inputs
 from d2_regionfeat.io import TSV_FIELDNAMES, read_features
 from d2_regionfeat.writers import LineLog, NpzWriter, RecordJournal, part_path
+from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 
@@ -280,6 +282,35 @@ def test_torn_records_are_cut_off_on_recovery(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "npz").iterdir()) == ["x.npz"]
 
 
+def test_every_kind_of_input_source_is_listed(tmp_path):
+    for name in ("x/1.jpg", "x/2.png", "x/deep/3.JPG", "x/notes.txt", "y/1.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    x = tmp_path / "x"
+    folder = list_inputs(str(x))
+    assert [(i.image_id, i.path) for i in folder] == [
+        ("1", str(x / "1.jpg")), ("2", str(x / "2.png")), ("deep/3", str(x / "deep" / "3.JPG"))]
+    assert [i.image_id for i in list_inputs(str(x / "**" / "*.*g"))] == ["1", "2"]
+    assert list_inputs(str(x), limit=2) == folder[:2]
+
+    (tmp_path / "list.txt").write_text("x/2.png\n\ny/1.png\nx/1.jpg\n")
+    listed = list_inputs(str(tmp_path / "list.txt"))
+    assert [(i.image_id, i.error) for i in listed][:2] == [("2", None), ("1", None)]
+    assert listed[2] == ImageItem("1", str(tmp_path / "x" / "1.jpg"), f"duplicate image id (first from {tmp_path / 'y' / '1.png'})")
+
+    coco = {"images": [{"id": 42, "file_name": "1.jpg"}, {"id": 7, "file_name": "deep/3.JPG"}]}
+    (x / "instances.json").write_text(json.dumps(coco))
+    assert list_inputs(str(x / "instances.json")) == [
+        ImageItem("42", str(x / "1.jpg")), ImageItem("7", str(x / "deep" / "3.JPG"))]
+    assert list_inputs(str(x / "instances.json"), image_root="/data")[0].path == "/data/1.jpg"
+
+    DatasetCatalog.register("extract_net_test_set", lambda: [{"file_name": str(x / "2.png"), "image_id": 5}])
+    try:
+        assert list_inputs("extract_net_test_set") == [ImageItem("5", str(x / "2.png"))]
+    finally:
+        DatasetCatalog.remove("extract_net_test_set")
+
+
 @pytest.fixture(scope="module")
 def bad_set(tmp_path_factory):
     """Images in every awkward encoding, and files that are no images."""
@@ -308,7 +339,7 @@ def bad_set(tmp_path_factory):
 
 def test_bad_inputs_are_processed_or_recorded(model, bad_set, tmp_path):
     out = tmp_path / "out"
-    result = run_tool(*tool_args(model, bad_set.folder, out, formats=["npz"]))
+    result = run_tool(*tool_args(model, bad_set.folder, out, "--fp16", formats=["npz", "tsv"]))
     assert result.returncode == 0, result.stderr
     failures = {f["image_id"]: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
     assert sorted(failures) == ["dangling", "empty", "text", "truncated"]
@@ -320,6 +351,10 @@ def test_bad_inputs_are_processed_or_recorded(model, bad_set, tmp_path):
 
     records = by_id(read_features(str(out), "npz"))
     assert sorted(records) == ["cmyk", "exif", "gray", "gray16", "palette", "rgba"]
+    # --fp16 stores float16 features; the TSV keeps float32 for its readers
+    assert {r["x"].dtype for r in records.values()} == {np.dtype(np.float16)}
+    for r in read_features(str(out), "tsv"):
+        np.testing.assert_array_equal(r["x"], records[r["image_id"]]["x"].astype(np.float32))
     for name in ("cmyk", "exif", "gray", "palette", "rgba"):
         path = next(bad_set.folder.glob(name + ".*"))
         assert_record_is_prediction(records[name], model.predictor, read_image(str(path), "BGR"))
@@ -329,7 +364,7 @@ def test_bad_inputs_are_processed_or_recorded(model, bad_set, tmp_path):
     assert "failed 4" in result.stdout
 
     # --strict turns failures into exit status 1 (nothing left to do on resume)
-    result = run_tool(*tool_args(model, bad_set.folder, out, "--resume", "--strict", formats=["npz"]))
+    result = run_tool(*tool_args(model, bad_set.folder, out, "--resume", "--strict", "--fp16", formats=["npz", "tsv"]))
     assert result.returncode == 1 and "done 0, skipped 10" in result.stdout
 
 
