@@ -88,13 +88,13 @@ def decode_npz(data: bytes) -> Dict:
         return _from_npz(npz)
 
 
-def _b64(array, dtype) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+def _b64(array, dtype) -> bytes:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).data)
 
 
-def encode_tsv_line(record: Dict) -> str:
+def encode_tsv_line(record: Dict) -> bytes:
     """
-    One line (with its newline) of the bottom-up-attention TSV, columns
+    One line (with its newline, UTF-8) of the bottom-up-attention TSV, columns
     :data:`TSV_FIELDNAMES`: ``img_id`` (str), ``img_h``, ``img_w``, ``num_boxes`` (decimal
     ints), and base64 of the raw bytes of ``objects_id`` (int64), ``objects_conf`` (float32),
     ``attrs_id`` (int64, zeros), ``attrs_conf`` (float32, zeros), ``boxes`` (float32, N x 4)
@@ -102,18 +102,18 @@ def encode_tsv_line(record: Dict) -> str:
     """
     n = record["num_bbox"]
     columns = [
-        record["image_id"],
-        str(record["image_h"]),
-        str(record["image_w"]),
+        record["image_id"].encode("utf-8"),
+        b"%d" % record["image_h"],
+        b"%d" % record["image_w"],
         _b64(record["objects_id"], np.int64),
         _b64(record["objects_conf"], np.float32),
         _b64(np.zeros(n), np.int64),
         _b64(np.zeros(n), np.float32),
-        str(n),
+        b"%d" % n,
         _b64(record["bbox"], np.float32),
         _b64(record["x"], np.float32),
     ]
-    return "\t".join(columns) + "\n"
+    return b"\t".join(columns) + b"\n"
 
 
 def decode_tsv_line(line: str) -> Dict:

@@ -80,19 +80,19 @@ def _replace_with_copy(sources: List[str], target: str):
 
 class LineLog:
     """
-    An append-only text file, one record a line. Recovery cuts off a last line left without
-    its newline; a line is written with its newline in one go, so every whole line is a
-    whole record.
+    An append-only UTF-8 text file, one record a line. Recovery cuts off a last line left
+    without its newline; a line is written with its newline in one go, so every whole line
+    is a whole record.
     """
 
     def __init__(self, path: str, line_id: Callable[[str], str]):
         """
         Args:
-            line_id: the image id of a line.
+            line_id: the image id of a line (str).
         """
         self.path = path
         self.ids = self._recover(line_id)
-        self.file = open(path, "a", newline="\n")
+        self.file = open(path, "ab")
 
     def _recover(self, line_id) -> Set[str]:
         if not os.path.exists(self.path):
@@ -105,9 +105,9 @@ class LineLog:
                 f.truncate(end)
         return {line_id(line) for line in data[:end].decode("utf-8").splitlines()}
 
-    def append(self, lines: Iterable[str]):
+    def append(self, lines: Iterable[bytes]):
         """Append whole lines (each ending in a newline) and hand them to the OS."""
-        self.file.write("".join(lines))
+        self.file.write(b"".join(lines))
         self.file.flush()
 
     def close(self):
@@ -241,7 +241,7 @@ class FailureLog(LineLog):
         super().__init__(path, lambda line: json.loads(line)["image_id"])
 
     def add(self, failures: List[Dict]):
-        self.append(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+        self.append((json.dumps(f, ensure_ascii=False) + "\n").encode("utf-8") for f in failures)
 
     @classmethod
     def merge(cls, output_dir: str, world_size: int):
@@ -382,6 +382,9 @@ class Hdf5Writer(FeatureWriter):
     def close(self):
         self.journal.close()
 
+    # Regions are appended to the HDF5 columns in slabs of about this many bytes.
+    slab_bytes = 64 << 20
+
     @classmethod
     def merge(cls, output_dir, world_size):
         import h5py
@@ -389,20 +392,19 @@ class Hdf5Writer(FeatureWriter):
         target = os.path.join(output_dir, OUTPUT_NAMES["hdf5"])
         tmp = target + ".tmp"
         per_image = {key: [] for key in NPZ_KEYS[:4]}
-        total = 0
+        slab, slab_bytes = [], 0
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = cls.version
             for part in cls.parts(output_dir, world_size):
                 for record in RecordJournal.records(part):
                     for key, values in per_image.items():
                         values.append(record[key])
-                    count = record["num_bbox"]
-                    for key in NPZ_KEYS[4:]:
-                        if key in record:
-                            column = cls._column(f, key, record[key])
-                            column.resize(total + count, axis=0)
-                            column[total : total + count] = record[key]
-                    total += count
+                    slab.append(record)
+                    slab_bytes += record["x"].nbytes
+                    if slab_bytes >= cls.slab_bytes:
+                        cls._append(f, slab)
+                        slab, slab_bytes = [], 0
+            cls._append(f, slab)
             f.create_dataset("image_id", data=per_image.pop("image_id"), dtype=h5py.string_dtype())
             for key, values in per_image.items():
                 f.create_dataset(key, data=np.array(values, dtype=np.int64))
@@ -412,12 +414,19 @@ class Hdf5Writer(FeatureWriter):
         os.replace(tmp, target)
 
     @staticmethod
-    def _column(f, key, value):
-        """The growable dataset ``key`` of ``f`` for rows like ``value``'s, made if new."""
-        if key not in f:
-            row_bytes = max(1, int(np.prod(value.shape[1:])) * value.dtype.itemsize)
-            f.create_dataset(
-                key, shape=(0,) + value.shape[1:], maxshape=(None,) + value.shape[1:],
-                dtype=value.dtype, chunks=(max(1, (1 << 20) // row_bytes),) + value.shape[1:],
-            )
-        return f[key]
+    def _append(f, records):
+        """Append the regions of ``records`` to the per-region columns of ``f``."""
+        for key in NPZ_KEYS[4:]:
+            if not records or key not in records[0]:
+                continue
+            rows = np.concatenate([r[key] for r in records])
+            if key not in f:
+                row_bytes = max(1, rows[0].nbytes if len(rows) else 1)
+                f.create_dataset(
+                    key, shape=(0,) + rows.shape[1:], maxshape=(None,) + rows.shape[1:],
+                    dtype=rows.dtype, chunks=(max(1, (1 << 20) // row_bytes),) + rows.shape[1:],
+                )
+            column = f[key]
+            begin = column.shape[0]
+            column.resize(begin + len(rows), axis=0)
+            column[begin:] = rows

@@ -256,7 +256,7 @@ def test_sigkill_then_resume_gives_identical_outputs(model, image_set, reference
 
 def test_torn_records_are_cut_off_on_recovery(tmp_path):
     log = LineLog(str(tmp_path / "log"), lambda line: line.split("\t")[0])
-    log.append(["a\t1\n", "b\t2\n"])
+    log.append([b"a\t1\n", b"b\t2\n"])
     log.close()
     with open(tmp_path / "log", "a") as f:
         f.write("c\t3")  # killed mid-line
