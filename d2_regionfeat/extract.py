@@ -3,9 +3,9 @@ Feature extraction at dataset scale: the work of ``tools/extract_net.py``.
 
 :func:`prepare_job` checks everything a run needs (config, weights, inputs, output folder)
 before any process starts; :func:`extract` is what every process (rank) runs: it extracts
-its contiguous shard of the inputs (detectron2's ``InferenceSampler`` split) into its parts
-of the outputs, and rank 0 then merges the parts, completes the manifest and prints a
-summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.writers`.
+its contiguous run of input batches (split as detectron2's ``InferenceSampler`` splits)
+into its parts of the outputs, and rank 0 then merges the parts, completes the manifest and
+prints a summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.writers`.
 """
 import os
 import shutil
@@ -20,10 +20,12 @@ import torch
 from tqdm import tqdm
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 from detectron2.data.samplers import InferenceSampler
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
 
 from .config import region_features_node
 from .heads import RegionFeatureHeadsMixin
@@ -52,7 +54,7 @@ class ExtractionError(RuntimeError):
 class ExtractionJob:
     """Everything a rank needs; made by :func:`prepare_job`."""
 
-    cfg: object
+    cfg: CfgNode
     items: List[ImageItem]
     output_dir: str
     formats: List[str]
@@ -105,12 +107,16 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         ExtractionError, InputError, OutputFolderError: with a one-line message.
     """
     region_features_node(cfg)
-    head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    try:
+        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    except KeyError:
+        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
     if not issubclass(head, RegionFeatureHeadsMixin):
         raise ExtractionError(
             f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
             "use a Feature head (merge configs/region_features.yaml)"
         )
+    formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in WRITERS]
     if unknown or not formats:
         raise ExtractionError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
@@ -125,7 +131,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "config_sha256": _config_sha256(cfg),
         "weights": cfg.MODEL.WEIGHTS,
         "weights_sha256": sha256_file(weights),
-        "formats": list(formats),
+        "formats": formats,
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
         "world_size": world_size,
@@ -135,7 +141,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     }
     complete = claim and claim_output_folder(output_dir, manifest, resume)["complete"]
     return ExtractionJob(
-        cfg=cfg, items=items, output_dir=output_dir, formats=list(formats), complete=complete, **options
+        cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete, **options
     )
 
 
@@ -279,7 +285,9 @@ def _finish(job: ExtractionJob):
     FailureLog.merge(job.output_dir, world_size)
     with open(os.path.join(job.output_dir, FAILURES_NAME)) as f:
         num_failed = sum(1 for _ in f)
-    first = next(read_features(os.path.join(job.output_dir), job.formats[0]), None)
+    # any format holds the feature size; npz would list every file to find its first
+    fmt = next((f for f in job.formats if f != "npz"), "npz")
+    first = next(read_features(job.output_dir, fmt), None)
     manifest = read_manifest(job.output_dir)
     manifest.update(
         complete=True,
@@ -328,6 +336,9 @@ def extract(job: ExtractionJob):
     """
     start = time.perf_counter()
     rank, world_size = comm.get_rank(), comm.get_world_size()
+    # detectron2's logs (checkpoint loading, incompatible keys) of rank 0, as train_net's
+    setup_logger(distributed_rank=rank, name="fvcore")
+    setup_logger(distributed_rank=rank)
     step, size = job.batch_size, len(job.items)
     batches = [list(range(i, min(i + step, size))) for i in range(0, size, step)]
     batches = [batches[b] for b in InferenceSampler._get_local_indices(len(batches), world_size, rank)]

@@ -11,7 +11,7 @@ A source (``--input``) is one of
 * a glob (``"data/**/*.jpg"``): ids are paths relative to the glob's fixed prefix folder,
   without extension;
 * a text file of paths, one a line (relative to the text file's folder): ids are the file
-  names without extension;
+  names without extension; a single image file likewise;
 * the name of a dataset registered in detectron2's ``DatasetCatalog``: its dicts'
   ``image_id`` (or the file stem) and ``file_name``.
 """
@@ -72,9 +72,15 @@ def _coco_items(json_file, image_root):
 
 
 def _list_file_items(list_file):
-    root = os.path.dirname(os.path.abspath(list_file))
-    with open(list_file) as f:
-        paths = [os.path.join(root, line.strip()) for line in f if line.strip()]
+    if list_file.lower().endswith(IMAGE_EXTENSIONS):
+        paths = [list_file]
+    else:
+        root = os.path.dirname(os.path.abspath(list_file))
+        try:
+            with open(list_file, encoding="utf-8") as f:
+                paths = [os.path.join(root, line.strip()) for line in f if line.strip()]
+        except UnicodeDecodeError:
+            raise InputError(f"{list_file} is neither an image nor a text file of image paths")
     return [ImageItem(os.path.splitext(os.path.basename(p))[0], p) for p in paths]
 
 
@@ -141,8 +147,8 @@ def list_inputs(source: str, image_root: Optional[str] = None, limit: int = 0) -
     elif source in DatasetCatalog.list():
         try:
             items = _dataset_items(source)
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"dataset {source!r} cannot be loaded ({type(e).__name__}: {e})")
+        except Exception as e:  # a registered loader is any user function
+            raise InputError(f"dataset {source!r} cannot be loaded ({one_line(e)})")
     else:
         raise InputError(f"--input {source!r} is no folder, file, glob or registered dataset")
     if limit > 0:

@@ -296,6 +296,7 @@ def test_every_kind_of_input_source_is_listed(tmp_path):
     (tmp_path / "list.txt").write_text("x/2.png\n\ny/1.png\nx/1.jpg\n")
     listed = list_inputs(str(tmp_path / "list.txt"))
     assert [(i.image_id, i.error) for i in listed][:2] == [("2", None), ("1", None)]
+    assert list_inputs(str(x / "2.png")) == [ImageItem("2", str(x / "2.png"))]
     assert listed[2] == ImageItem("1", str(tmp_path / "x" / "1.jpg"), f"duplicate image id (first from {tmp_path / 'y' / '1.png'})")
 
     coco = {"images": [{"id": 42, "file_name": "1.jpg"}, {"id": 7, "file_name": "deep/3.JPG"}]}
@@ -401,6 +402,7 @@ def test_bad_settings_give_one_error_line(model, image_set, reference, tmp_path,
         "weights file /no/such/model.pth not found": args + ["MODEL.WEIGHTS", "/no/such/model.pth"],
         "config options MODEL.NO_SUCH_KEY 1: Non-existent key: MODEL.NO_SUCH_KEY": args + ["--opts", "MODEL.NO_SUCH_KEY", "1"],
         "--format must be among npz, tsv, lmdb, hdf5": args + ["--format", "csv"],
+        "StandardROIHeads, which gives no region features": args + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"],
         "no folder, file, glob or registered dataset": [*args[:5], str(tmp_path / "none"), *args[6:]],
     }
     for message, argv in cases.items():

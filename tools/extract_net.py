@@ -47,7 +47,6 @@ from d2_regionfeat.manifest import OutputFolderError, read_manifest  # noqa: E40
 from d2_regionfeat.writers import WRITERS  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
 
 
 def get_parser():
@@ -119,9 +118,8 @@ def main(argv=None):
             resume=args.resume, image_root=args.image_root, limit=args.limit, claim=args.machine_rank == 0,
             batch_size=args.batch_size, num_workers=args.num_workers, fp16=args.fp16,
         )
-    except (ExtractionError, InputError, OutputFolderError, ValueError) as e:
+    except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    setup_logger(name="d2_regionfeat")
     launch(
         extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
         args=(job,), device=cfg.MODEL.DEVICE,
