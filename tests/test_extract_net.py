@@ -24,7 +24,7 @@ from PIL import Image
 
 from d2_regionfeat.inputs import ImageItem, list_inputs
 from d2_regionfeat.io import TSV_FIELDNAMES, read_features
-from d2_regionfeat.writers import LineLog, NpzWriter, RecordJournal, part_path
+from d2_regionfeat.writers import LineLog, NpzWriter, RecordJournal
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -222,21 +222,32 @@ def assert_same_output(out, reference_out):
         assert_same_records(by_id(got), by_id(want))
 
 
-def test_sigkill_then_resume_gives_identical_outputs(model, image_set, reference, tmp_path):
-    out = tmp_path / "out"
-    tsv_part = Path(part_path(str(out), "tsv", 0, 1))
+def run_and_kill(args, condition):
+    """Run the tool; SIGKILL it and its decoding workers once ``condition()`` holds.
+    Returns whether it was killed (False: it had finished first)."""
     proc = subprocess.Popen(
-        tool_args(model, image_set, out), env=tool_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
+        args, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if tsv_part.exists() and tsv_part.stat().st_size > 0:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the tool and its decoding workers
+    while proc.poll() is None and time.time() < deadline and not condition():
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return killed
+
+
+def test_sigkill_then_resume_gives_identical_outputs(model, image_set, reference, tmp_path):
+    out = tmp_path / "out"
+    tsv_part = out / "parts" / "tsv.0-of-1"
+
+    def npz_count():
+        return len(list((out / "npz").rglob("*.npz"))) if (out / "npz").exists() else 0
+
+    # first kill: once a batch is in the TSV part (the formats after it may lack it)
+    killed = run_and_kill(tool_args(model, image_set, out), lambda: tsv_part.exists() and tsv_part.stat().st_size)
+    assert killed, "the run ended before it could be killed"
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and tsv_part.read_text().count("\n") >= 1
     # without --resume the folder is refused and left as it is
@@ -245,6 +256,9 @@ def test_sigkill_then_resume_gives_identical_outputs(model, image_set, reference
     assert result.returncode == 2 and "--resume" in result.stderr
     assert folder_bytes(out) == before
 
+    # second kill: in the resumed run, as soon as it has written another npz file
+    first = npz_count()
+    run_and_kill(tool_args(model, image_set, out, "--resume"), lambda: npz_count() > first)
     result = run_tool(*tool_args(model, image_set, out, "--resume"))
     assert result.returncode == 0, result.stderr
     assert_same_output(out, reference.out)

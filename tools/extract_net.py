@@ -124,7 +124,10 @@ def main(argv=None):
         extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
         args=(job,), device=cfg.MODEL.DEVICE,
     )
-    counts = read_manifest(args.output)["counts"]
+    manifest = read_manifest(args.output)
+    if not (manifest and manifest["complete"]):
+        return 1
+    counts = manifest["counts"]
     if counts["written"] == 0 or (args.strict and counts["failed"]):
         return 1
     return 0
