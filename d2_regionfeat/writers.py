@@ -97,13 +97,17 @@ class LineLog:
     def _recover(self, line_id) -> Set[str]:
         if not os.path.exists(self.path):
             return set()
+        ids, end = set(), 0
         with open(self.path, "rb") as f:
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
+            for line in f:  # streamed: a TSV part may be far larger than memory
+                if not line.endswith(b"\n"):
+                    break
+                ids.add(line_id(line.decode("utf-8")))
+                end += len(line)
+        if end < os.path.getsize(self.path):
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-        return {line_id(line) for line in data[:end].decode("utf-8").splitlines()}
+        return ids
 
     def append(self, lines: Iterable[bytes]):
         """Append whole lines (each ending in a newline) and hand them to the OS."""
