@@ -1,0 +1,355 @@
+"""
+Feature extraction at dataset scale: the work of ``tools/extract_net.py``.
+
+:func:`prepare_job` checks everything a run needs (config, weights, inputs, output folder)
+before any process starts; :func:`extract` is what every process (rank) runs: it extracts
+its contiguous run of input batches (split as detectron2's ``InferenceSampler`` splits)
+into its parts of the outputs, and rank 0 then merges the parts, completes the manifest and
+prints a summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.writers`.
+"""
+import os
+import shutil
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data.samplers import InferenceSampler
+from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+from .config import region_features_node
+from .heads import RegionFeatureHeadsMixin
+from .inputs import ImageDataset, ImageItem, list_inputs, one_line
+from .io import FAILURES_NAME, read_features
+from .manifest import (
+    MANIFEST_VERSION,
+    claim_output_folder,
+    package_versions,
+    read_manifest,
+    sha256_file,
+    sha256_text,
+    write_manifest,
+)
+from .writers import WRITERS, FailureLog
+
+# How many batches the writer thread may lag behind the model.
+WRITE_AHEAD = 2
+
+
+class ExtractionError(RuntimeError):
+    """A problem with the settings of a run, reported as one line."""
+
+
+@dataclass
+class ExtractionJob:
+    """Everything a rank needs; made by :func:`prepare_job`."""
+
+    cfg: CfgNode
+    items: List[ImageItem]
+    output_dir: str
+    formats: List[str]
+    batch_size: int = 4
+    num_workers: int = 2
+    fp16: bool = False
+    # The output folder already holds the finished run.
+    complete: bool = False
+
+
+def _local_weights(cfg):
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ExtractionError("MODEL.WEIGHTS is not set: give the checkpoint to extract with")
+    try:
+        path = PathManager.get_local_path(weights)
+    except Exception as e:  # any handler (http, detectron2://, ...) may fail its own way
+        raise ExtractionError(f"weights {weights} cannot be fetched ({one_line(e)})")
+    if not os.path.isfile(path):
+        raise ExtractionError(f"weights file {weights} not found")
+    return path
+
+
+def _config_sha256(cfg):
+    """Checksum of the config, less the keys that do not change the features' meaning."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = ""
+    cfg.MODEL.WEIGHTS = ""
+    return sha256_text(cfg.dump())
+
+
+def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
+                limit=0, claim=True, **options) -> ExtractionJob:
+    """
+    Check a run's settings, list its inputs and claim its output folder (writing the
+    initial manifest there).
+
+    Args:
+        cfg: the frozen config of the model.
+        source, image_root, limit: what to extract, see :func:`inputs.list_inputs`.
+        formats: names in :data:`writers.WRITERS`.
+        world_size: the number of processes of the run (their parts are named by it).
+        resume: continue the run that made ``output_dir``.
+        claim: check and claim the output folder (the first machine of a run does; the
+            others' processes start only once it has).
+        options: the other fields of :class:`ExtractionJob`.
+
+    Raises:
+        ExtractionError, InputError, OutputFolderError: with a one-line message.
+    """
+    region_features_node(cfg)
+    try:
+        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    except KeyError:
+        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
+    if not issubclass(head, RegionFeatureHeadsMixin):
+        raise ExtractionError(
+            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
+            "use a Feature head (merge configs/region_features.yaml)"
+        )
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in WRITERS]
+    if unknown or not formats:
+        raise ExtractionError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
+    weights = _local_weights(cfg)
+    items = list_inputs(source, image_root, limit)
+    if not items:
+        raise ExtractionError(f"--input {source} holds no images")
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "complete": False,
+        "config": cfg.dump(),
+        "config_sha256": _config_sha256(cfg),
+        "weights": cfg.MODEL.WEIGHTS,
+        "weights_sha256": sha256_file(weights),
+        "formats": formats,
+        "format_versions": {f: WRITERS[f].version for f in formats},
+        "fp16": bool(options.get("fp16", False)),
+        "world_size": world_size,
+        "input": source,
+        "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
+        "versions": package_versions(),
+    }
+    complete = claim and claim_output_folder(output_dir, manifest, resume)["complete"]
+    return ExtractionJob(
+        cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete, **options
+    )
+
+
+class BatchExtractor:
+    """
+    Runs a region-feature model over decoded images as :class:`DefaultPredictor` does one at
+    a time: the images of a batch are grouped by their padded size, so that each one's
+    detections are those it gets alone (a batch padded to a larger size would add anchors).
+    """
+
+    def __init__(self, cfg, fp16=False):
+        self.model = build_model(cfg).eval()
+        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.divisibility = max(1, self.model.backbone.size_divisibility)
+        self.fp16 = fp16
+
+    def _padded_size(self, image):
+        d = self.divisibility
+        return tuple(-(-s // d) * d for s in image.shape[-2:])
+
+    @torch.no_grad()
+    def __call__(self, inputs: List[Dict]) -> List[Dict]:
+        """
+        Args:
+            inputs: :class:`inputs.ImageDataset` items ("item", "image", "height", "width").
+
+        Returns:
+            the records (see :mod:`d2_regionfeat.io`) of ``inputs``, in order.
+        """
+        groups = defaultdict(list)
+        for index, x in enumerate(inputs):
+            groups[self._padded_size(x["image"])].append(index)
+        records = [None] * len(inputs)
+        for indices in groups.values():
+            batch = [{k: inputs[i][k] for k in ("image", "height", "width")} for i in indices]
+            for i, output in zip(indices, self.model(batch)):
+                records[i] = self._record(inputs[i], output["instances"].to("cpu"))
+        return records
+
+    def _record(self, x, instances):
+        record = {
+            "image_id": x["item"].image_id,
+            "image_h": x["height"],
+            "image_w": x["width"],
+            "num_bbox": len(instances),
+            "x": instances.box_features.numpy().astype(np.float16 if self.fp16 else np.float32),
+            "bbox": instances.pred_boxes.tensor.numpy().astype(np.float32),
+            "objects_id": instances.pred_classes.numpy().astype(np.int64),
+            "objects_conf": instances.scores.numpy().astype(np.float32),
+        }
+        if instances.has("class_probs"):
+            record["cls_prob"] = instances.class_probs.numpy().astype(np.float32)
+        return record
+
+
+def _as_list(batch):
+    return batch
+
+
+def _new_stats(skipped):
+    """A rank's counts for the summary: images, regions per image, seconds in model/writers."""
+    return {"skipped": skipped, "done": 0, "failed": 0, "regions": [], "model_s": 0.0, "write_s": 0.0}
+
+
+class _RankOutputs:
+    """This rank's writers and failure log, and what they held when the run started."""
+
+    def __init__(self, job: ExtractionJob):
+        rank, world_size = comm.get_rank(), comm.get_world_size()
+        self.writers = [WRITERS[f](job.output_dir, rank, world_size) for f in job.formats]
+        self.failures = FailureLog(job.output_dir, rank, world_size)
+        self.written = [w.written() for w in self.writers]
+        # images that need nothing more: failed, or in every format
+        self.recorded = self.failures.ids | set.intersection(*self.written)
+
+    def store(self, records: List[Dict], failed: List[Dict]) -> float:
+        """Write what each writer lacks of ``records``, log ``failed``; returns the seconds."""
+        start = time.perf_counter()
+        for writer, ids in zip(self.writers, self.written):
+            writer.write([r for r in records if r["image_id"] not in ids])
+        self.failures.add(
+            [{"image_id": x["item"].image_id, "path": x["item"].path, "reason": x["error"]} for x in failed]
+        )
+        return time.perf_counter() - start
+
+    def close(self):
+        for writer in self.writers:
+            writer.close()
+        self.failures.close()
+
+
+def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
+    """
+    Extract this rank's ``batches`` (of indices into ``job.items``) into its parts.
+
+    Images are decoded in DataLoader workers, and written in a thread (in order, at most
+    :data:`WRITE_AHEAD` batches behind the model), so that neither waits for the model.
+    """
+    outputs = _RankOutputs(job)
+    recorded = outputs.recorded
+    todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
+    stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
+    if todo:
+        extractor = BatchExtractor(job.cfg, job.fp16)
+        dataset = ImageDataset(
+            job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
+        )
+        bar = tqdm(
+            total=sum(map(len, batches)), initial=stats["skipped"], unit="img", dynamic_ncols=True,
+            disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",
+        )
+        with bar, ThreadPoolExecutor(max_workers=1) as write_thread:
+            pending = deque()
+            for batch in loader:
+                batch = [x for x in batch if x["item"].image_id not in recorded]
+                failed = [x for x in batch if "error" in x]
+                start = time.perf_counter()
+                records = extractor([x for x in batch if "error" not in x])
+                stats["model_s"] += time.perf_counter() - start
+                pending.append(write_thread.submit(outputs.store, records, failed))
+                while len(pending) > WRITE_AHEAD:
+                    stats["write_s"] += pending.popleft().result()
+                stats["done"] += len(records)
+                stats["failed"] += len(failed)
+                stats["regions"] += [r["num_bbox"] for r in records]
+                bar.update(len(batch))
+            while pending:
+                stats["write_s"] += pending.popleft().result()
+    outputs.close()
+    return stats
+
+
+def _finish(job: ExtractionJob):
+    """Rank 0, all ranks done: merge the parts, complete the manifest."""
+    world_size = comm.get_world_size()
+    for name in job.formats:
+        WRITERS[name].merge(job.output_dir, world_size)
+    FailureLog.merge(job.output_dir, world_size)
+    with open(os.path.join(job.output_dir, FAILURES_NAME)) as f:
+        num_failed = sum(1 for _ in f)
+    # any format holds the feature size; npz would list every file to find its first
+    fmt = next((f for f in job.formats if f != "npz"), "npz")
+    first = next(read_features(job.output_dir, fmt), None)
+    manifest = read_manifest(job.output_dir)
+    manifest.update(
+        complete=True,
+        counts={"inputs": len(job.items), "written": len(job.items) - num_failed, "failed": num_failed},
+        feature_dim=None if first is None else int(first["x"].shape[1]),
+        num_classes=int(job.cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+    )
+    write_manifest(job.output_dir, manifest)
+    shutil.rmtree(os.path.join(job.output_dir, "parts"), ignore_errors=True)
+
+
+def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
+    """The end-of-run report: counts of this session and of the folder, regions, time."""
+    done = sum(s["done"] for s in stats)
+    regions = [n for s in stats for n in s["regions"]]
+    counts = manifest["counts"]
+    lines = [
+        f"Extraction summary: {output_dir} ({', '.join(manifest['formats'])})",
+        f"  this run   done {done}, skipped {sum(s['skipped'] for s in stats)} (already there), "
+        f"failed {sum(s['failed'] for s in stats)}",
+        f"  in folder  {counts['written']} of {counts['inputs']} images, {counts['failed']} failed"
+        + (f" (reasons in {FAILURES_NAME})" if counts["failed"] else ""),
+    ]
+    if regions:
+        lines.append(
+            f"  regions    per image min {min(regions)}, mean {np.mean(regions):.1f}, max {max(regions)}"
+            f"; feature dim {manifest['feature_dim']}"
+        )
+    lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    model_s, write_s = sum(s["model_s"] for s in stats), sum(s["write_s"] for s in stats)
+    if done:
+        lines.append(
+            f"  time       model {model_s:.1f} s, writers {write_s:.2f} s (in a thread beside "
+            f"the model; {100 * write_s / max(model_s, 1e-9):.1f}% of model time), summed over ranks"
+        )
+    return "\n".join(lines)
+
+
+def extract(job: ExtractionJob):
+    """
+    What each rank runs: its shard, then (rank 0) the merge and summary.
+
+    The inputs are cut into batches of ``job.batch_size`` first, and the batches shared out
+    in contiguous runs (as ``InferenceSampler`` shares images): every image is batched with
+    the same others whatever the number of processes, or of resumes.
+    """
+    start = time.perf_counter()
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    # detectron2's logs (checkpoint loading, incompatible keys) of rank 0, as train_net's
+    setup_logger(distributed_rank=rank, name="fvcore")
+    setup_logger(distributed_rank=rank)
+    step, size = job.batch_size, len(job.items)
+    batches = [list(range(i, min(i + step, size))) for i in range(0, size, step)]
+    batches = [batches[b] for b in InferenceSampler._get_local_indices(len(batches), world_size, rank)]
+    if job.complete:
+        stats = _new_stats(skipped=sum(map(len, batches)))
+    else:
+        stats = _extract_batches(job, batches)
+    stats = comm.gather(stats, dst=0)
+    if comm.is_main_process():
+        if not job.complete:
+            _finish(job)
+        seconds = time.perf_counter() - start
+        print(summary(job.output_dir, read_manifest(job.output_dir), stats, seconds))
+    comm.synchronize()

@@ -1,0 +1,114 @@
+"""
+``manifest.json``: what made an output folder (config, weights checksum, package versions,
+formats), whether the run finished, and its counts. It is written before any feature, so a
+folder is always tied to one run: resuming it with other settings is refused.
+"""
+import hashlib
+import importlib
+import json
+import os
+import platform
+from importlib import metadata
+
+from .io import MANIFEST_NAME
+
+MANIFEST_VERSION = 1
+# Manifest keys that must match for --resume to continue a folder, with their names in errors.
+IDENTITY_KEYS = {
+    "config_sha256": "config",
+    "weights_sha256": "weights",
+    "formats": "--format",
+    "fp16": "--fp16",
+    "world_size": "number of processes",
+    "inputs_sha256": "inputs (--input, --limit)",
+}
+# module -> distribution (detectron2 may come as another distribution, e.g. pb1-detectron2)
+_PACKAGES = {
+    "torch": "torch", "torchvision": "torchvision", "detectron2": "detectron2",
+    "d2_regionfeat": "d2_regionfeat", "numpy": "numpy", "PIL": "Pillow", "h5py": "h5py",
+    "lmdb": "lmdb",
+}
+
+
+class OutputFolderError(RuntimeError):
+    """An output folder that this run must not write to."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def package_versions():
+    """Versions of Python and of the packages the features depend on."""
+    versions = {"python": platform.python_version()}
+    for module, distribution in _PACKAGES.items():
+        try:
+            versions[distribution] = importlib.import_module(module).__version__
+        except (ImportError, AttributeError):
+            try:
+                versions[distribution] = metadata.version(distribution)
+            except metadata.PackageNotFoundError:
+                versions[distribution] = None
+    return versions
+
+
+def read_manifest(output_dir: str):
+    """The folder's manifest, or None."""
+    path = os.path.join(output_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(output_dir: str, manifest: dict):
+    """Write the manifest atomically."""
+    path = os.path.join(output_dir, MANIFEST_NAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def claim_output_folder(output_dir: str, manifest: dict, resume: bool) -> dict:
+    """
+    Make ``output_dir`` this run's: a new or empty folder gets ``manifest``; with
+    ``resume``, a folder made by a run with the same :data:`IDENTITY_KEYS` is continued.
+
+    Returns:
+        the manifest now in the folder.
+
+    Raises:
+        OutputFolderError: the folder holds other files, another run's output, or (without
+            ``resume``) output of this one. Nothing in it is changed then.
+    """
+    existing = read_manifest(output_dir)
+    if existing is None:
+        if os.path.isdir(output_dir) and os.listdir(output_dir):
+            raise OutputFolderError(
+                f"output folder {output_dir} is not empty and holds no {MANIFEST_NAME}; "
+                "choose a new or empty folder"
+            )
+        os.makedirs(output_dir, exist_ok=True)
+        write_manifest(output_dir, manifest)
+        return manifest
+    if not resume:
+        raise OutputFolderError(
+            f"output folder {output_dir} already holds features; pass --resume to continue "
+            "that run, or choose another folder"
+        )
+    differs = [name for key, name in IDENTITY_KEYS.items() if existing.get(key) != manifest[key]]
+    if differs:
+        raise OutputFolderError(
+            f"output folder {output_dir} was written by another run (its {', '.join(differs)} "
+            "differ from this one's); use the same settings to resume, or another folder"
+        )
+    return existing

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""
+Extract region features of a whole image set with a d2_regionfeat model.
+
+    python tools/extract_net.py --config-file CFG --input SRC --output OUT \\
+        [--format npz --format tsv ...] [--batch-size 4] [--num-workers 2] [--fp16] \\
+        [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
+
+``--input`` is a folder, a glob, a text file of paths, a COCO-format json or a registered
+detectron2 dataset (:mod:`d2_regionfeat.inputs`). ``OUT`` gets ``manifest.json``,
+``failures.jsonl`` and one output per ``--format``:
+
+* ``npz``: ``OUT/npz/<image_id>.npz``, keys ``x`` (N, D) features, ``bbox`` (N, 4) x1 y1 x2 y2
+  in original pixels, ``num_bbox``, ``image_h``, ``image_w``, ``image_id``, ``objects_id``
+  (N,) classes, ``objects_conf`` (N,) scores and, when the model gives them, ``cls_prob``
+  (N, K+1); no pickles (``np.load`` with ``allow_pickle=False`` reads them).
+* ``tsv``: ``OUT/features.tsv``, the 10-column bottom-up-attention TSV that LXMERT's
+  ``load_obj_tsv`` reads: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id,
+  attrs_conf, num_boxes, boxes, features``; the arrays are base64 of raw bytes: objects_id
+  int64 (N,) classes, objects_conf float32 (N,) scores, attrs_id int64 (N,) and attrs_conf
+  float32 (N,) all zeros (the models have no attribute head), boxes float32 (N, 4) x1 y1 x2
+  y2 in original pixels, features float32 (N, D) (float32 even with ``--fp16``).
+* ``hdf5``: ``OUT/features.h5``, flat arrays ``x``, ``bbox``, ``objects_id``,
+  ``objects_conf``, ``cls_prob`` over all regions, per image ``image_id``, ``image_h``,
+  ``image_w``, ``num_bbox`` and ``offsets`` (image i: rows offsets[i]:offsets[i+1]).
+* ``lmdb``: ``OUT/features.lmdb``, key the image id, value the npz bytes of the image.
+
+Read any of them with ``d2_regionfeat.io.read_features(OUT, fmt)``. A killed run continues
+with ``--resume`` to the outputs an uninterrupted run gives. Exit status: 0; 1 when no image
+was extracted, or with ``--strict`` when any failed; 2 for bad settings (one-line error).
+"""
+import argparse
+import sys
+import warnings
+
+# Deprecation notices that torch and detectron2 print on import, not meant for users.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+import torch  # noqa: E402
+
+import d2_regionfeat  # noqa: F401,E402  (registers the heads, adds MODEL.REGION_FEATURES)
+from d2_regionfeat.extract import ExtractionError, extract, prepare_job  # noqa: E402
+from d2_regionfeat.inputs import InputError  # noqa: E402
+from d2_regionfeat.launch import launch  # noqa: E402
+from d2_regionfeat.manifest import OutputFolderError, read_manifest  # noqa: E402
+from d2_regionfeat.writers import WRITERS  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
+
+
+def get_parser():
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument("--input", required=True, help="folder, glob, list file, COCO json or dataset name")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--format", action="append", metavar="F",
+        help=f"output format, repeatable or comma-separated: {', '.join(WRITERS)} (default npz)",
+    )
+    parser.add_argument("--image-root", help="folder the file names of a COCO json are relative to")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="images per model call")
+    parser.add_argument("--num-workers", type=_non_negative, default=2, help="image decoding workers")
+    parser.add_argument("--device", help="MODEL.DEVICE (default: the config's, cpu without CUDA)")
+    parser.add_argument("--fp16", action="store_true", help="store features as float16")
+    parser.add_argument("--limit", type=_non_negative, default=0, help="only the first N inputs")
+    parser.add_argument("--strict", action="store_true", help="exit with 1 when any image failed")
+    parser.add_argument(
+        "--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
+        help="config options, as the positional KEY VALUE pairs",
+    )
+    for action in parser._actions:
+        if action.dest == "resume":
+            action.help = "continue the run that made --output (same settings)"
+    return parser
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    try:
+        cfg.merge_from_file(args.config_file)
+    except (OSError, KeyError, ValueError, AssertionError) as e:
+        raise ExtractionError(f"config {args.config_file or '(none)'}: {e.args[0] if e.args else e}")
+    opts = (args.opts or []) + args.more_opts
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ExtractionError(f"config options {' '.join(opts)}: {e.args[0] if e.args else e}")
+    if args.device:
+        cfg.MODEL.DEVICE = args.device
+    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    formats = [f for value in args.format or ["npz"] for f in value.split(",") if f]
+    try:
+        cfg = setup_cfg(args)
+        job = prepare_job(
+            cfg, args.input, args.output, formats, args.num_gpus * args.num_machines,
+            resume=args.resume, image_root=args.image_root, limit=args.limit, claim=args.machine_rank == 0,
+            batch_size=args.batch_size, num_workers=args.num_workers, fp16=args.fp16,
+        )
+    except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    launch(
+        extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
+        args=(job,), device=cfg.MODEL.DEVICE,
+    )
+    manifest = read_manifest(args.output)
+    if not (manifest and manifest["complete"]):
+        return 1
+    counts = manifest["counts"]
+    if counts["written"] == 0 or (args.strict and counts["failed"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
