@@ -11,9 +11,11 @@ import re
 
 import pytest
 import torch
+from pycocotools.coco import COCO
 
 import detectron2
 import detectron2._C
+from detectron2.evaluation.fast_eval_api import COCOeval_opt
 from detectron2.layers import ROIAlignRotated, nms_rotated
 from detectron2.structures import RotatedBoxes, pairwise_iou_rotated
 from detectron2.utils.collect_env import collect_env_info
@@ -63,17 +65,32 @@ def _rotated(n):
     return torch.tensor([[20.0 + 5 * i, 20.0, 10.0, 6.0, 30.0] for i in range(n)])
 
 
+def _fast_coco_eval():
+    """detectron2's COCOeval (COCOEvaluator's default) of one detection against one object."""
+    box = {"image_id": 1, "category_id": 1, "bbox": [2, 2, 9, 9]}
+    truth = COCO()
+    truth.dataset = {
+        "images": [{"id": 1, "height": 32, "width": 32}],
+        "annotations": [dict(box, id=1, area=81, iscrowd=0)],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    truth.createIndex()
+    COCOeval_opt(truth, truth.loadRes([dict(box, score=0.9)]), "bbox").evaluate()
+
+
 OPS = {
     # name of the compiled op -> a public detectron2 call that needs it
-    "box_iou_rotated": lambda: pairwise_iou_rotated(RotatedBoxes(_rotated(2)), RotatedBoxes(_rotated(3))),
+    "box_iou_rotated": lambda: pairwise_iou_rotated(
+        RotatedBoxes(_rotated(2)), RotatedBoxes(_rotated(3))
+    ),
     "nms_rotated": lambda: nms_rotated(_rotated(3), torch.rand(3), 0.5),
     "roi_align_rotated_forward": lambda: ROIAlignRotated((7, 7), 1.0, 0)(
         torch.rand(1, 4, 32, 32), torch.cat([torch.zeros(2, 1), _rotated(2)], dim=1)
     ),
-    # deformable convolutions call these on CUDA, the fast COCOeval on any device
+    "InstanceAnnotation": _fast_coco_eval,
+    # deformable convolutions call these on CUDA only
     "deform_conv_forward": lambda: detectron2._C.deform_conv_forward,
     "modulated_deform_conv_forward": lambda: detectron2._C.modulated_deform_conv_forward,
-    "COCOevalAccumulate": lambda: detectron2._C.COCOevalAccumulate,
 }
 
 
@@ -100,7 +117,8 @@ def test_install_puts_no_stray_top_level_packages():
     if dist is None:
         pytest.skip("detectron2 is a source tree on the path, not an installed distribution")
     tops = {file.parts[0] for file in dist.files}
-    stray = {t for t in tops if not t.endswith((".dist-info", ".egg-info"))} - {"detectron2"}
+    stray = {t for t in tops if not t.endswith((".dist-info", ".egg-info")) and t != ".."}
+    stray -= {"detectron2"}
     assert not stray, f"{dist.metadata['Name']} installed top-level {sorted(stray)}"
     site = dist.locate_file("")
     # detectron2's scripts package, left by earlier installs, shadows any project's tools/.

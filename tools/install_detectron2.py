@@ -14,7 +14,9 @@ version) nothing is done. Otherwise the sdist of upstream v0.6 published as
   scripts) are not installed: they would shadow any project's own ``tools``;
 * ``setuptools<81`` (``model_zoo`` imports ``pkg_resources``) and ``pillow<10`` are
   pinned, and it is installed with ``--no-build-isolation`` after torch;
-* the ``model_zoo/configs`` folder of the sdist is copied into the installed package.
+* the sdist's ``detectron2/model_zoo/configs`` folder is moved to the top, where setup()
+  takes the model-zoo configs from (as in a source checkout): they are installed as package
+  data, and recorded, so that ``pip uninstall pb1-detectron2`` leaves nothing behind.
 
 A detectron2 installed by an earlier version of this script (its stand-in differs from
 the current one, or stray packages are left) is installed again.
@@ -100,11 +102,8 @@ for _name, _schema in _TORCH_OPS.items():
 
 def detectron2_dir():
     """The folder of the detectron2 package this interpreter imports, or None."""
-    probe = subprocess.run(
-        [sys.executable, "-c", "import detectron2, os; print(os.path.dirname(detectron2.__file__))"],
-        capture_output=True,
-        text=True,
-    )
+    code = "import detectron2, os; print(os.path.dirname(detectron2.__file__))"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
@@ -146,8 +145,9 @@ def pip(*args):
 
 
 def patch_sdist(src_dir):
-    """Drop the extension build from the sdist's setup() call, write the stand-in, and
-    remove the top-level packages other than detectron2 so that find_packages() skips them."""
+    """Drop the extension build from the sdist's setup() call, write the stand-in, put the
+    model-zoo configs where setup() looks for them, and remove the top-level packages other
+    than detectron2 so that find_packages() skips them."""
     path = os.path.join(src_dir, "setup.py")
     with open(path) as f:
         text = f.read()
@@ -158,6 +158,7 @@ def patch_sdist(src_dir):
         f.write(patched)
     with open(os.path.join(src_dir, "detectron2", "_C.py"), "w") as f:
         f.write(STUB_C)
+    shutil.move(os.path.join(src_dir, "detectron2", "model_zoo", "configs"), src_dir)
     for entry in os.listdir(src_dir):
         package = os.path.join(src_dir, entry)
         if entry != "detectron2" and os.path.isfile(os.path.join(package, "__init__.py")):
@@ -175,12 +176,11 @@ def install():
         # A local folder is always (re)installed: pip first removes an installed
         # pb1-detectron2 with every file it recorded (an earlier install's stray packages).
         pip("install", "-q", "--no-build-isolation", *PINS, src_dir)
-        package_dir = detectron2_dir()
-        if package_dir is None:
-            raise SystemExit("detectron2 was installed but still does not import")
-        configs = os.path.join(src_dir, "detectron2", "model_zoo", "configs")
-        target = os.path.join(package_dir, "model_zoo", "configs")
-        shutil.copytree(configs, target, dirs_exist_ok=True)
+    package_dir = detectron2_dir()
+    if package_dir is None:
+        raise SystemExit("detectron2 was installed but still does not import")
+    if not os.path.isfile(os.path.join(package_dir, "model_zoo", "configs", "Base-RCNN-FPN.yaml")):
+        raise SystemExit("detectron2 was installed without its model-zoo configs")
     problem = outdated_install(package_dir)
     if problem:
         raise SystemExit(f"detectron2 was installed but {problem}")
