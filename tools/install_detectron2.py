@@ -114,12 +114,8 @@ def stray_packages():
         files = importlib.metadata.distribution(DIST_NAME).files or []
     except importlib.metadata.PackageNotFoundError:
         return []
-    tops = {file.parts[0] for file in files}
-    return sorted(
-        top
-        for top in tops
-        if top != "detectron2" and not top.endswith((".dist-info", ".egg-info")) and top != ".."
-    )
+    tops = {file.parts[0] for file in files} - {"detectron2", ".."}  # "..": scripts in bin/
+    return sorted(top for top in tops if not top.endswith((".dist-info", ".egg-info")))
 
 
 def outdated_install(package_dir):
