@@ -112,9 +112,15 @@ def test_weights_are_small_and_load_with_no_missing_or_unexpected_keys(cfg):
     assert os.path.getsize(WEIGHTS_FILE) <= MAX_WEIGHTS_BYTES
     assert cfg.MODEL.ROI_HEADS.NAME == "FeatureROIHeads"
     model = build_model(cfg)
-    checkpoint = DetectionCheckpointer(model)._load_file(WEIGHTS_FILE)
+    checkpoint = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
     incompatible = model.load_state_dict(checkpoint["model"], strict=False)
     assert incompatible.missing_keys == [] and incompatible.unexpected_keys == []
+    # detectron2's checkpointer loads the float16 weights into the float32 model.
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(WEIGHTS_FILE)
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32 or not value.is_floating_point()
+        torch.testing.assert_close(value, checkpoint["model"][key].to(value.dtype), msg=key)
     # The plain heads have the same keys: the weights are those of an ordinary Mask R-CNN.
     cfg = cfg.clone()
     cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
