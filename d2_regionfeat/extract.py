@@ -69,8 +69,6 @@ class ExtractionJob:
     batch_size: int = 4
     num_workers: int = 2
     fp16: bool = False
-    # "stem" / "int": the ids of every layout (None: each layout's own, see inputs.list_inputs)
-    id_mode: Optional[str] = None
     # The output folder already holds the finished run.
     complete: bool = False
 
@@ -158,8 +156,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     }
     complete = claim and claim_output_folder(output_dir, manifest, resume)["complete"]
     return ExtractionJob(
-        cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete,
-        id_mode=id_mode, **options
+        cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete, **options
     )
 
 
@@ -168,9 +165,8 @@ def _check_needs(cfg, formats):
     node = cfg.MODEL.REGION_FEATURES
     class_probs = node.CLASS_PROBS or node.SELECTION == "regions"
     for fmt in formats:
-        for key, hint in WRITERS[fmt].needs.items():
-            if key == "cls_prob" and not class_probs:
-                raise ExtractionError(f"--format {fmt} needs {hint}")
+        if "cls_prob" in WRITERS[fmt].needs and not class_probs:
+            raise ExtractionError(f"--format {fmt} needs {WRITERS[fmt].needs['cls_prob']}")
 
 
 class BatchExtractor:

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import consumers
+from d2_regionfeat.convert import ConversionError
+from d2_regionfeat.convert import convert as convert_in_process
 from d2_regionfeat.extract import BatchExtractor
 from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
@@ -178,7 +180,7 @@ def test_images_without_regions_are_listed_and_counted(detections, model, coco_s
     assert "no regions 1 images" in detections.stdout
 
     # --min-regions: the image gets its top-2 regions by score, the others keep their detections
-    run = extract(model, coco_set, tmp_path / "out", *DETECTIONS, "--min-regions", "2", formats=["npz", "tsv"])
+    run = extract(model, coco_set, tmp_path / "out", "--min-regions", "2", *DETECTIONS, formats=["npz", "tsv"])
     assert run.npz[EMPTY]["num_bbox"] == 2 and run.npz[EMPTY]["cls_prob"].shape == (2, 4)
     for image_id in IMAGES:
         assert_same_records({image_id: run.npz[image_id]}, {image_id: detections.npz[image_id]})
@@ -196,20 +198,23 @@ def assert_same_layouts(out, reference, formats):
     """The same files (bytes), and the same records in the HDF5 and LMDB layouts."""
     def files(folder):
         return {k: v for k, v in folder_bytes(folder).items()
-                if k != "manifest.json" and not k.endswith(".hdf5")}
+                if k not in ("manifest.json", "no_regions.jsonl") and not k.endswith(".hdf5")}
     assert files(out) == {k: v for k, v in files(reference).items()
-                          if k.split("/")[0] in [WRITERS[f].output_name for f in formats]
-                          or k in ("failures.jsonl", "no_regions.jsonl")}
+                          if k.split("/")[0] in [WRITERS[f].output_name for f in formats] or k == "failures.jsonl"}
+
+    def no_regions(folder):
+        entries = [json.loads(line) for line in (folder / "no_regions.jsonl").read_text().splitlines()]
+        return [dict(e, left_out_of=set(e["left_out_of"]) & set(formats)) for e in entries]
+    assert no_regions(out) == no_regions(reference)
     for fmt in {"hdf5", "lmdb", "ban_hdf5"} & set(formats):
         got, want = list(read_features(str(out), fmt)), list(read_features(str(reference), fmt))
         assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
         assert_same_records(by_id(got), by_id(want))
 
 
-@pytest.mark.parametrize("source", ["hdf5", "npz"])
-def test_convert_equals_direct_extraction(detections, tmp_path, source):
-    out = tmp_path / "out"
-    result = convert(detections.out, "--format", ",".join(ALL), "--output", out, "--source-format", source)
+def test_convert_equals_direct_extraction(detections, tmp_path):
+    out, source = tmp_path / "out", "hdf5"
+    result = convert(detections.out, "--format", ",".join(ALL), "--output", out)
     assert result.returncode == 0, result.stderr
     assert "4 images, 1 without regions" in result.stdout
     assert_same_layouts(out, detections.out, ALL)
@@ -219,24 +224,30 @@ def test_convert_equals_direct_extraction(detections, tmp_path, source):
     assert manifest["config_sha256"] == direct["config_sha256"] and manifest["converted_from"]["format"] == source
     # a finished conversion resumed changes nothing
     before = folder_bytes(out)
-    assert convert(detections.out, "--format", ",".join(ALL), "--output", out, "--resume",
-                   "--source-format", source).returncode == 0
+    assert convert(detections.out, "--format", ",".join(ALL), "--output", out, "--resume").returncode == 0
     assert folder_bytes(out) == before
+    # from the npz folder (image id order, here the input order too), in process
+    convert_in_process(detections.out, ALL, str(tmp_path / "from_npz"), source_format="npz")
+    assert_same_layouts(tmp_path / "from_npz", detections.out, ALL)
 
 
-def test_convert_refuses_what_the_source_cannot_give(detections, model, coco_set, tmp_path):
+def test_convert_refuses_what_the_source_cannot_give(detections, tmp_path):
     # the TSV holds no class probabilities: uniter names the config key that gives them
     result = convert(detections.out, "--format", "uniter", "--output", tmp_path / "a", "--source-format", "tsv")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "uniter needs class probabilities: extract with MODEL.REGION_FEATURES.CLASS_PROBS True" in result.stderr
     assert not (tmp_path / "a").exists()
-    result = convert(detections.out, "--format", "tsv", "--output", tmp_path / "b", "--source-format", "mmf")
-    assert result.returncode == 2 and "holds pickles" in result.stderr
-    result = convert(tmp_path, "--format", "tsv", "--output", tmp_path / "c")
-    assert result.returncode == 2 and "no finished extraction" in result.stderr
+    cases = {
+        "holds pickles": dict(in_dir=detections.out, source_format="mmf"),
+        "no finished extraction": dict(in_dir=tmp_path),
+        "lacks image_h, image_w, bbox, objects_id": dict(in_dir=detections.out, source_format="uniter"),
+    }
+    for message, case in cases.items():
+        with pytest.raises(ConversionError, match=message):
+            convert_in_process(case.pop("in_dir"), ["tsv"], str(tmp_path / "b"), **case)
+    assert not (tmp_path / "b").exists()
     # --id int on the converted ids; tsv then holds integer ids
-    result = convert(detections.out, "--format", "tsv", "--id", "int", "--output", tmp_path / "d")
-    assert result.returncode == 0, result.stderr
+    convert_in_process(detections.out, ["tsv"], str(tmp_path / "d"), id_mode="int")
     assert sorted(consumers.lxmert(tmp_path / "d" / "features.tsv")[0]) == ["1", "2", "3"]
 
 
@@ -250,7 +261,7 @@ def test_sigkill_then_resume_consumer_layouts(model, coco_set, detections, tmp_p
     assert not manifest["complete"]
     with open(part, "ab") as f:
         f.write(b"\x07torn frame")  # a half-written journal frame
-    result = run_tool(*tool_args(model, coco_set, out, *DETECTIONS, "--resume", formats=formats))
+    result = run_tool(*tool_args(model, coco_set, out, "--resume", *DETECTIONS, formats=formats))
     assert result.returncode == 0, result.stderr
     assert_same_layouts(out, detections.out, formats)
 
@@ -351,7 +362,7 @@ def test_records_carry_attributes(tmp_path):
     outputs.close()
     merge_outputs(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 1)
     for fmt in ("npz", "hdf5", "lmdb"):
-        (got,) = read_features(str(tmp_path), fmt)
+        (got,) = read_features(str(tmp_path / WRITERS[fmt].output_name), fmt)
         assert_same_records({1: got}, {1: record})
     _, (row,) = consumers.lxmert(tmp_path / "features.tsv")
     np.testing.assert_array_equal(row["attrs_id"], [1, 0])

@@ -14,11 +14,16 @@ the source's config and ``converted_from``. Killed, it continues with ``--resume
 """
 import argparse
 import sys
+import warnings
 
-from d2_regionfeat.convert import ConversionError, convert
-from d2_regionfeat.formats import WRITERS
-from d2_regionfeat.inputs import ID_MODES
-from d2_regionfeat.manifest import OutputFolderError
+# Deprecation notices that torch and detectron2 print on import, not meant for users.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+from d2_regionfeat.convert import ConversionError, convert  # noqa: E402
+from d2_regionfeat.formats import WRITERS  # noqa: E402
+from d2_regionfeat.inputs import ID_MODES  # noqa: E402
+from d2_regionfeat.manifest import OutputFolderError  # noqa: E402
 
 
 def get_parser():

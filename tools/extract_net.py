@@ -18,7 +18,7 @@ detectron2 dataset (:mod:`d2_regionfeat.inputs`). ``OUT`` gets ``manifest.json``
   ``load_obj_tsv`` reads: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id,
   attrs_conf, num_boxes, boxes, features``; the arrays are base64 of raw bytes: objects_id
   int64 (N,) classes, objects_conf float32 (N,) scores, attrs_id int64 (N,) and attrs_conf
-  float32 (N,) all zeros (the models have no attribute head), boxes float32 (N, 4) x1 y1 x2
+  float32 (N,) the attribute head's (zeros without it), boxes float32 (N, 4) x1 y1 x2
   y2 in original pixels, features float32 (N, D) (float32 even with ``--fp16``).
 * ``hdf5``: ``OUT/features.h5``, flat arrays ``x``, ``bbox``, ``objects_id``,
   ``objects_conf``, ``cls_prob`` over all regions, per image ``image_id``, ``image_h``,
