@@ -21,10 +21,12 @@ import consumers
 from d2_regionfeat.convert import ConversionError
 from d2_regionfeat.convert import convert as convert_in_process
 from d2_regionfeat.extract import BatchExtractor
-from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError, read_features
+from d2_regionfeat.config import region_features_node
+from d2_regionfeat.formats import WRITERS, RunOutputs, WriteOnlyLayoutError, merge_outputs, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
 from d2_regionfeat.io import read_features as io_read_features
 from detectron2.structures import Boxes, Instances
+from helpers import make_cfg
 from test_extract_net import (  # noqa: F401  (model is a module fixture)
     REPO,
     assert_same_records,
@@ -198,7 +200,8 @@ def assert_same_layouts(out, reference, formats):
     """The same files (bytes), and the same records in the HDF5 and LMDB layouts."""
     def files(folder):
         return {k: v for k, v in folder_bytes(folder).items()
-                if k not in ("manifest.json", "no_regions.jsonl") and not k.endswith(".hdf5")}
+                if k not in ("manifest.json", "no_regions.jsonl") and not k.endswith(".hdf5")
+                and not k.startswith("parts/")}
     assert files(out) == {k: v for k, v in files(reference).items()
                           if k.split("/")[0] in [WRITERS[f].output_name for f in formats] or k == "failures.jsonl"}
 
@@ -207,7 +210,8 @@ def assert_same_layouts(out, reference, formats):
         return [dict(e, left_out_of=set(e["left_out_of"]) & set(formats)) for e in entries]
     assert no_regions(out) == no_regions(reference)
     for fmt in {"hdf5", "lmdb", "ban_hdf5"} & set(formats):
-        got, want = list(read_features(str(out), fmt)), list(read_features(str(reference), fmt))
+        name = WRITERS[fmt].output_name
+        got, want = list(read_features(str(out / name), fmt)), list(read_features(str(reference / name), fmt))
         assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
         assert_same_records(by_id(got), by_id(want))
 
@@ -355,8 +359,6 @@ def test_records_carry_attributes(tmp_path):
     assert record["attrs_id"].dtype == np.int64 and record["attrs_conf"].dtype == np.float32
     np.testing.assert_array_equal(record["attr_prob"], instances.attr_probs.numpy())
 
-    from d2_regionfeat.formats import RunOutputs, merge_outputs
-
     outputs = RunOutputs(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 0, 1, [item.image_id])
     outputs.store([record])
     outputs.close()
@@ -367,3 +369,44 @@ def test_records_carry_attributes(tmp_path):
     _, (row,) = consumers.lxmert(tmp_path / "features.tsv")
     np.testing.assert_array_equal(row["attrs_id"], [1, 0])
     np.testing.assert_array_equal(row["attrs_conf"], np.float32([0.7, 0.5]))
+
+
+def synthetic_record(index, n, dim=8, classes=3):
+    rng = np.random.default_rng(index)
+    xy = rng.uniform(0, 50, size=(n, 2)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(classes + 1), size=n).astype(np.float32)
+    return {
+        "image_id": f"COCO_val2014_{index:012d}", "image_h": 80, "image_w": 90, "num_bbox": n,
+        "x": rng.normal(size=(n, dim)).astype(np.float32),
+        "bbox": np.concatenate([xy, xy + rng.uniform(1, 30, size=(n, 2)).astype(np.float32)], axis=1),
+        "objects_id": probs[:, :-1].argmax(1).astype(np.int64), "objects_conf": probs[:, :-1].max(1),
+        "cls_prob": probs,
+    }
+
+
+def write_ranks(out, records, world_size):
+    ids = [r["image_id"] for r in records]
+    share = -(-len(records) // world_size)
+    for rank in range(world_size):
+        outputs = RunOutputs(str(out), ALL, rank, world_size, ids)
+        outputs.store(records[rank * share: (rank + 1) * share])
+        outputs.close()
+    return merge_outputs(str(out), ALL, world_size)
+
+
+def test_rank_parts_merge_as_one_process(tmp_path):
+    """Every layout: two ranks' parts merge into what one process writes; MIN_REGIONS is checked."""
+    records = [synthetic_record(i, n) for i, n in enumerate([3, 0, 5, 2, 4], start=1)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    counts = write_ranks(one, records, 1)
+    assert counts == write_ranks(two, records, 2) == {
+        "failed": 0, "no_regions": 1, "left_out": {f: 1 for f in CONSUMER}}
+    assert_same_layouts(two, one, ALL)
+    assert sorted(os.listdir(one / "ban")) == ["features.hdf5", "features_imgid2idx.pkl"]
+    for fmt in ("npz", "hdf5", "lmdb"):
+        assert_same_records(by_id(read_features(str(one / WRITERS[fmt].output_name), fmt)),
+                            {r["image_id"]: r for r in records})
+
+    cfg = make_cfg("fpn", MIN_REGIONS=-1)
+    with pytest.raises(ValueError, match="MODEL.REGION_FEATURES.MIN_REGIONS must be >= 0"):
+        region_features_node(cfg)
