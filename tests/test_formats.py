@@ -18,13 +18,15 @@ import pytest
 import torch
 
 import consumers
+from d2_regionfeat.config import region_features_node
 from d2_regionfeat.convert import ConversionError
 from d2_regionfeat.convert import convert as convert_in_process
 from d2_regionfeat.extract import BatchExtractor
-from d2_regionfeat.config import region_features_node
 from d2_regionfeat.formats import WRITERS, RunOutputs, WriteOnlyLayoutError, merge_outputs, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
+from d2_regionfeat.inputs import list_inputs
 from d2_regionfeat.io import read_features as io_read_features
+from detectron2.data import DatasetCatalog
 from detectron2.structures import Boxes, Instances
 from helpers import make_cfg
 from test_extract_net import (  # noqa: F401  (model is a module fixture)
@@ -305,6 +307,26 @@ def test_ids(model, coco_set, tmp_path, tool_main, capsys):
                                                       "detections", formats=["uniter"]))
     assert code == 2 and "--format uniter needs class probabilities" in err
     assert not out.exists()
+
+
+def test_ids_of_every_input_kind(coco_set, tmp_path):
+    names = sorted(p.name for p in coco_set.iterdir())
+    coco = {"images": [{"id": 100 + i, "file_name": name} for i, name in enumerate(names)]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    (tmp_path / "list.txt").write_text("".join(f"{coco_set / n}\n" for n in names))
+    DatasetCatalog.register("formats_test_set", lambda: [
+        {"file_name": str(coco_set / n), "image_id": 100 + i} for i, n in enumerate(names)])
+    stems = [n[: -len(".png")] for n in names]
+    try:
+        for source in (coco_set, str(coco_set / "*.png"), tmp_path / "list.txt"):
+            assert [i.image_id for i in list_inputs(str(source), id_mode="stem")] == stems
+            assert [i.image_id for i in list_inputs(str(source), id_mode="int")] == ["1", "2", "3", "9"]
+        for source in (str(tmp_path / "coco.json"), "formats_test_set"):
+            assert [i.image_id for i in list_inputs(source, image_root=str(coco_set))] == ["100", "101", "102", "103"]
+            assert [i.image_id for i in list_inputs(source, str(coco_set), id_mode="int")] == ["100", "101", "102", "103"]
+            assert [i.image_id for i in list_inputs(source, str(coco_set), id_mode="stem")] == stems
+    finally:
+        DatasetCatalog.remove("formats_test_set")
 
 
 class Payload:
