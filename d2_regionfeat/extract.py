@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 from detectron2.data.samplers import InferenceSampler
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.utils import comm
@@ -149,6 +150,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
         "id": id_mode,
+        "class_names": _class_names(cfg),
         "world_size": world_size,
         "input": source,
         "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
@@ -158,6 +160,15 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     return ExtractionJob(
         cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete, **options
     )
+
+
+def _class_names(cfg) -> Optional[List[str]]:
+    """The ``thing_classes`` of the first test dataset that has them (None if none does)."""
+    for name in cfg.DATASETS.TEST:
+        names = MetadataCatalog.get(name).get("thing_classes")
+        if names:
+            return list(names)
+    return None
 
 
 def _check_needs(cfg, formats):

@@ -408,6 +408,8 @@ def synthetic_record(index, n, dim=8, classes=3):
 
 def write_ranks(out, records, world_size):
     ids = [r["image_id"] for r in records]
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"class_names": ["disc", "star", "square"]}))
     share = -(-len(records) // world_size)
     for rank in range(world_size):
         outputs = RunOutputs(str(out), ALL, rank, world_size, ids)
@@ -425,6 +427,9 @@ def test_rank_parts_merge_as_one_process(tmp_path):
         "failed": 0, "no_regions": 1, "left_out": {f: 1 for f in CONSUMER}}
     assert_same_layouts(two, one, ALL)
     assert sorted(os.listdir(one / "ban")) == ["features.hdf5", "features_imgid2idx.pkl"]
+    for image_id, (*_, od_labels) in consumers.oscar(str(one / "oscar")).items():
+        record = by_id(records)[image_id]
+        assert od_labels.split() == [["disc", "star", "square"][c] for c in record["objects_id"]]
     for fmt in ("npz", "hdf5", "lmdb"):
         assert_same_records(by_id(read_features(str(one / WRITERS[fmt].output_name), fmt)),
                             {r["image_id"]: r for r in records})

@@ -6,6 +6,7 @@ import numpy as np
 
 from .base import JournalWriter, register_format
 from .records import b64, spatial6, unb64
+from .run import MANIFEST_NAME
 from .safety import fsync
 
 FILES = ("features.tsv", "features.lineidx", "labels.tsv", "labels.lineidx")
@@ -17,14 +18,14 @@ class OscarWriter(JournalWriter):
     ``<output>/oscar/``: ``features.tsv`` lines ``<image id>\\t<json {"num_boxes": N,
     "features": base64 of float32 (N, D+6), "image_h", "image_w"}>`` (each row the feature
     then spatial6), ``labels.tsv`` lines ``<image id>\\t<json [{"class", "conf", "rect"}]>``
-    (``class``: the class index as text), and ``features.lineidx`` / ``labels.lineidx``:
-    the byte offset of each line.
+    (``class``: the class name, from the manifest's ``class_names``, else the class index
+    as text), and ``features.lineidx`` / ``labels.lineidx``: the byte offset of each line.
     """
 
     output_name = "oscar"
 
     @classmethod
-    def _lines(cls, record):
+    def _lines(cls, record, class_names):
         key = record["image_id"].encode("utf-8")
         rows = np.concatenate([np.asarray(record["x"], np.float32), spatial6(record)], axis=1)
         features = {
@@ -32,7 +33,8 @@ class OscarWriter(JournalWriter):
             "image_h": record["image_h"], "image_w": record["image_w"],
         }
         labels = [
-            {"class": str(int(c)), "conf": float(s), "rect": [float(v) for v in box]}
+            {"class": class_names[c] if class_names else str(int(c)), "conf": float(s),
+             "rect": [float(v) for v in box]}
             for c, s, box in zip(record["objects_id"], record["objects_conf"], record["bbox"])
         ]
         return (
@@ -47,9 +49,11 @@ class OscarWriter(JournalWriter):
         paths = [os.path.join(folder, name) for name in FILES]
         files = [open(p + ".tmp", "wb") for p in paths]
         positions = [0, 0]
+        with open(os.path.join(output_dir, MANIFEST_NAME)) as f:
+            class_names = json.load(f).get("class_names")
         with files[0], files[1], files[2], files[3]:
             for record in cls.journaled(output_dir, world_size):
-                for column, line in enumerate(cls._lines(record)):
+                for column, line in enumerate(cls._lines(record, class_names)):
                     files[2 * column].write(line)
                     files[2 * column + 1].write(b"%d\n" % positions[column])
                     positions[column] += len(line)
@@ -60,7 +64,7 @@ class OscarWriter(JournalWriter):
 
     @classmethod
     def read(cls, path):
-        """Records of the layout (no ``cls_prob``), in file order."""
+        """Records of the layout (no ``cls_prob``, no ``objects_id``), in file order."""
         with open(os.path.join(path, "features.tsv")) as features, open(
             os.path.join(path, "labels.tsv")
         ) as labels:
@@ -77,6 +81,5 @@ class OscarWriter(JournalWriter):
                     "num_bbox": n,
                     "x": rows[:, :-6],
                     "bbox": np.array([r["rect"] for r in regions], np.float32).reshape(n, 4),
-                    "objects_id": np.array([int(r["class"]) for r in regions], np.int64),
                     "objects_conf": np.array([r["conf"] for r in regions], np.float32),
                 }
