@@ -163,10 +163,13 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
 
 
 def _class_names(cfg) -> Optional[List[str]]:
-    """The ``thing_classes`` of the first test dataset that has them (None if none does)."""
+    """
+    The ``thing_classes`` of the first test dataset that has one name per class of the
+    model (None if none does).
+    """
     for name in cfg.DATASETS.TEST:
         names = MetadataCatalog.get(name).get("thing_classes")
-        if names:
+        if names and len(names) == cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             return list(names)
     return None
 

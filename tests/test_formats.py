@@ -143,6 +143,7 @@ def test_consumer_readers_read_every_layout(mode, request, tmp_path):
     # what the consumers derive besides features and boxes
     for image_id, (_, _, spatial, od_labels) in consumers.oscar(str(out / "oscar")).items():
         np.testing.assert_allclose(spatial, spatial6(run.npz[image_id]), rtol=1e-6)
+        # the config's test set (COCO) does not name the model's 3 classes: their indexes
         assert od_labels.split() == [str(c) for c in run.npz[image_id]["objects_id"]]
     for image_id, (_, _, spatial) in consumers.ban(str(out / "ban")).items():
         np.testing.assert_allclose(spatial, spatial6(run.npz[f"COCO_val2014_{image_id:012d}"]), rtol=1e-6)

@@ -34,7 +34,8 @@ nothing here ever reads a pickle back. Images with no region (``detections`` mod
 npz/hdf5/lmdb and are left out of every other layout, listed in ``no_regions.jsonl``;
 ``--min-regions N`` gives every image at least N regions (the top-N by score).
 
-Read any layout but mmf and vilbert with ``d2_regionfeat.io.read_features(OUT, fmt)``. A killed run continues
+Read any layout but mmf and vilbert with ``d2_regionfeat.io.read_features(OUT, fmt)``; convert
+a finished run to other layouts with ``tools/convert_features.py``. A killed run continues
 with ``--resume`` to the outputs an uninterrupted run gives. Exit status: 0; 1 when no image
 was extracted, or with ``--strict`` when any failed; 2 for bad settings (one-line error).
 """
