@@ -438,3 +438,16 @@ def test_rank_parts_merge_as_one_process(tmp_path):
     cfg = make_cfg("fpn", MIN_REGIONS=-1)
     with pytest.raises(ValueError, match="MODEL.REGION_FEATURES.MIN_REGIONS must be >= 0"):
         region_features_node(cfg)
+
+
+def test_min_regions_raises_the_regions_mode_minimum(model):
+    """SELECTION regions: MIN_REGIONS above MIN_BOXES/MAX_BOXES (3/8) gives that many regions."""
+    predictor = model.predictor.model.roi_heads.box_predictor
+    bgr = generated(*IMAGES["COCO_val2014_000000000001"])
+    assert 3 <= len(model.predictor(bgr)["instances"]) <= 8
+    predictor.min_regions = 12
+    try:
+        instances = model.predictor(bgr)["instances"]
+    finally:
+        predictor.min_regions = 0
+    assert len(instances) == 12 and instances.has("class_probs")
