@@ -294,7 +294,7 @@ def test_ids(model, coco_set, tmp_path, tool_main, capsys):
     assert f"--id int: {folder / 'cat.png'}: image id 'cat' does not end in digits" in err
     # a layout with integer ids, by default
     code, err = error_of(tool_main, capsys, tool_args(model, folder, out, formats=["npz", "butd_tsv"]))
-    assert code == 2 and "--format image id 'cat' does not end in digits" in err
+    assert code == 2 and "--format butd_tsv: image id 'cat' does not end in digits" in err
     # two inputs with the same id: as integers, or in a layout
     save_bgr(folder / "x" / "dog07.png", generated(1, 64, 64))
     (folder / "cat.png").unlink()
@@ -303,7 +303,7 @@ def test_ids(model, coco_set, tmp_path, tool_main, capsys):
     code, err = error_of(tool_main, capsys, tool_args(model, folder, out, formats=["vilbert"]))
     assert code == 2 and "vilbert: images 'dog7' and 'x/dog07' both get id '7'" in err
     code, err = error_of(tool_main, capsys, tool_args(model, folder, out, formats=["visualbert"]))
-    assert code == 2 and "visualbert keeps every image in one folder, and image id 'x/dog07' holds a '/'" in err
+    assert code == 2 and "visualbert: its files lie in one folder, and image id 'x/dog07' holds a '/'" in err
     code, err = error_of(tool_main, capsys, tool_args(model, folder, out, *REGIONS[:2], "MODEL.REGION_FEATURES.SELECTION",
                                                       "detections", formats=["uniter"]))
     assert code == 2 and "--format uniter needs class probabilities" in err

@@ -74,7 +74,7 @@ class FeatureWriter:
         key = str(int_id(image_id)) if cls.int_ids else image_id
         if cls.flat and "/" in key:
             raise LayoutIdError(
-                f"{cls.name} keeps every image in one folder, and image id {image_id!r} holds a '/' "
+                f"its files lie in one folder, and image id {image_id!r} holds a '/' "
                 "(use --id int, or a flat input folder)"
             )
         return key

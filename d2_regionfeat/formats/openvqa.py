@@ -39,8 +39,8 @@ class OpenVqaWriter(PerImageFilesWriter):
             int(key.split("_")[-1].split(".")[0])
         except ValueError:
             raise LayoutIdError(
-                f"openvqa: OpenVQA parses the image id as int(name.split('_')[-1]), which fails "
-                f"on {key!r} (use --id int)"
+                f"OpenVQA parses the image id as int(name.split('_')[-1]), which fails on {key!r} "
+                "(use --id int)"
             )
         return key
 

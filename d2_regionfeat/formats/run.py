@@ -26,7 +26,10 @@ def check_ids(formats: Sequence[str], image_ids: Sequence[str]):
         writer = WRITERS[fmt]
         first = {}
         for image_id in image_ids:
-            key = writer.key(image_id)
+            try:
+                key = writer.key(image_id)
+            except LayoutIdError as e:
+                raise LayoutIdError(f"{fmt}: {e}")
             if key in first:
                 raise LayoutIdError(
                     f"{fmt}: images {first[key]!r} and {image_id!r} both get id {key!r}"
