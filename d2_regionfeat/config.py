@@ -45,6 +45,11 @@ def add_regionfeat_config(cfg):
     # Cascade R-CNN the last stage's input box), as bottom-up-attention does;
     # "regressed": the box regressed for the region's class.
     node.BOX = "proposal"
+    # At least this many regions per image, in every mode: "detections" mode falls back, for an
+    # image with fewer detections, to its top-MIN_REGIONS regions by score ("regions" mode
+    # with CONF_THRESH above every score, boxes regressed); "regions" mode raises
+    # MIN_BOXES/MAX_BOXES to it. 0: off.
+    node.MIN_REGIONS = 0
 
 
 def _check_choice(node, key, choices):
@@ -78,6 +83,8 @@ def region_features_node(cfg):
         )
     if node.MIN_BOXES < 0:
         raise ValueError(f"MODEL.REGION_FEATURES.MIN_BOXES must be >= 0; got {node.MIN_BOXES}")
+    if node.MIN_REGIONS < 0:
+        raise ValueError(f"MODEL.REGION_FEATURES.MIN_REGIONS must be >= 0; got {node.MIN_REGIONS}")
     if node.MAX_BOXES < node.MIN_BOXES:
         raise ValueError(
             f"MODEL.REGION_FEATURES.MAX_BOXES ({node.MAX_BOXES}) must be >= "

@@ -5,7 +5,7 @@ Feature extraction at dataset scale: the work of ``tools/extract_net.py``.
 before any process starts; :func:`extract` is what every process (rank) runs: it extracts
 its contiguous run of input batches (split as detectron2's ``InferenceSampler`` splits)
 into its parts of the outputs, and rank 0 then merges the parts, completes the manifest and
-prints a summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.writers`.
+prints a summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.formats`.
 """
 import os
 import shutil
@@ -13,7 +13,7 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 from detectron2.data.samplers import InferenceSampler
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.utils import comm
@@ -30,7 +31,16 @@ from detectron2.utils.logger import setup_logger
 from .config import region_features_node
 from .heads import RegionFeatureHeadsMixin
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
-from .io import FAILURES_NAME, read_features
+from .formats import (
+    FAILURES_NAME,
+    NO_REGIONS_NAME,
+    WRITERS,
+    LayoutIdError,
+    RunOutputs,
+    check_ids,
+    merge_outputs,
+    read_features,
+)
 from .manifest import (
     MANIFEST_VERSION,
     claim_output_folder,
@@ -40,7 +50,6 @@ from .manifest import (
     sha256_text,
     write_manifest,
 )
-from .writers import WRITERS, FailureLog
 
 # How many batches the writer thread may lag behind the model.
 WRITE_AHEAD = 2
@@ -88,15 +97,16 @@ def _config_sha256(cfg):
 
 
 def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
-                limit=0, claim=True, **options) -> ExtractionJob:
+                limit=0, claim=True, id_mode=None, **options) -> ExtractionJob:
     """
     Check a run's settings, list its inputs and claim its output folder (writing the
     initial manifest there).
 
     Args:
         cfg: the frozen config of the model.
-        source, image_root, limit: what to extract, see :func:`inputs.list_inputs`.
-        formats: names in :data:`writers.WRITERS`.
+        source, image_root, limit, id_mode: what to extract and its ids, see
+            :func:`inputs.list_inputs`.
+        formats: names in :data:`formats.WRITERS`.
         world_size: the number of processes of the run (their parts are named by it).
         resume: continue the run that made ``output_dir``.
         claim: check and claim the output folder (the first machine of a run does; the
@@ -120,10 +130,15 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     unknown = [f for f in formats if f not in WRITERS]
     if unknown or not formats:
         raise ExtractionError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
+    _check_needs(cfg, formats)
     weights = _local_weights(cfg)
-    items = list_inputs(source, image_root, limit)
+    items = list_inputs(source, image_root, limit, id_mode)
     if not items:
         raise ExtractionError(f"--input {source} holds no images")
+    try:
+        check_ids(formats, [i.image_id for i in items if not i.error])
+    except LayoutIdError as e:
+        raise ExtractionError(f"--format {e}")
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "complete": False,
@@ -134,6 +149,8 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "formats": formats,
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
+        "id": id_mode,
+        "class_names": _class_names(cfg),
         "world_size": world_size,
         "input": source,
         "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
@@ -143,6 +160,27 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     return ExtractionJob(
         cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete, **options
     )
+
+
+def _class_names(cfg) -> Optional[List[str]]:
+    """
+    The ``thing_classes`` of the first test dataset that has one name per class of the
+    model (None if none does).
+    """
+    for name in cfg.DATASETS.TEST:
+        names = MetadataCatalog.get(name).get("thing_classes")
+        if names and len(names) == cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            return list(names)
+    return None
+
+
+def _check_needs(cfg, formats):
+    """Refuse layouts that need class probabilities from a config that gives none."""
+    node = cfg.MODEL.REGION_FEATURES
+    class_probs = node.CLASS_PROBS or node.SELECTION == "regions"
+    for fmt in formats:
+        if "cls_prob" in WRITERS[fmt].needs and not class_probs:
+            raise ExtractionError(f"--format {fmt} needs {WRITERS[fmt].needs['cls_prob']}")
 
 
 class BatchExtractor:
@@ -194,6 +232,10 @@ class BatchExtractor:
         }
         if instances.has("class_probs"):
             record["cls_prob"] = instances.class_probs.numpy().astype(np.float32)
+        if instances.has("attr_probs"):
+            record["attrs_id"] = instances.attrs_id.numpy().astype(np.int64)
+            record["attrs_conf"] = instances.attrs_conf.numpy().astype(np.float32)
+            record["attr_prob"] = instances.attr_probs.numpy().astype(np.float32)
         return record
 
 
@@ -201,36 +243,25 @@ def _as_list(batch):
     return batch
 
 
+def _timed(function, *args):
+    """The seconds ``function(*args)`` takes."""
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
 def _new_stats(skipped):
     """A rank's counts for the summary: images, regions per image, seconds in model/writers."""
     return {"skipped": skipped, "done": 0, "failed": 0, "regions": [], "model_s": 0.0, "write_s": 0.0}
 
 
-class _RankOutputs:
-    """This rank's writers and failure log, and what they held when the run started."""
-
-    def __init__(self, job: ExtractionJob):
-        rank, world_size = comm.get_rank(), comm.get_world_size()
-        self.writers = [WRITERS[f](job.output_dir, rank, world_size) for f in job.formats]
-        self.failures = FailureLog(job.output_dir, rank, world_size)
-        self.written = [w.written() for w in self.writers]
-        # images that need nothing more: failed, or in every format
-        self.recorded = self.failures.ids | set.intersection(*self.written)
-
-    def store(self, records: List[Dict], failed: List[Dict]) -> float:
-        """Write what each writer lacks of ``records``, log ``failed``; returns the seconds."""
-        start = time.perf_counter()
-        for writer, ids in zip(self.writers, self.written):
-            writer.write([r for r in records if r["image_id"] not in ids])
-        self.failures.add(
-            [{"image_id": x["item"].image_id, "path": x["item"].path, "reason": x["error"]} for x in failed]
-        )
-        return time.perf_counter() - start
-
-    def close(self):
-        for writer in self.writers:
-            writer.close()
-        self.failures.close()
+def _rank_outputs(job: ExtractionJob) -> RunOutputs:
+    """This rank's writers and logs, over the run's images."""
+    usable = [i for i in job.items if not i.error]
+    return RunOutputs(
+        job.output_dir, job.formats, comm.get_rank(), comm.get_world_size(),
+        [i.image_id for i in usable], {i.image_id: i.path for i in usable},
+    )
 
 
 def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
@@ -240,7 +271,7 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
     Images are decoded in DataLoader workers, and written in a thread (in order, at most
     :data:`WRITE_AHEAD` batches behind the model), so that neither waits for the model.
     """
-    outputs = _RankOutputs(job)
+    outputs = _rank_outputs(job)
     recorded = outputs.recorded
     todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
     stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
@@ -264,7 +295,11 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
                 start = time.perf_counter()
                 records = extractor([x for x in batch if "error" not in x])
                 stats["model_s"] += time.perf_counter() - start
-                pending.append(write_thread.submit(outputs.store, records, failed))
+                failed = [
+                    {"image_id": x["item"].image_id, "path": x["item"].path, "reason": x["error"]}
+                    for x in failed
+                ]
+                pending.append(write_thread.submit(_timed, outputs.store, records, failed))
                 while len(pending) > WRITE_AHEAD:
                     stats["write_s"] += pending.popleft().result()
                 stats["done"] += len(records)
@@ -279,24 +314,28 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
 
 def _finish(job: ExtractionJob):
     """Rank 0, all ranks done: merge the parts, complete the manifest."""
-    world_size = comm.get_world_size()
-    for name in job.formats:
-        WRITERS[name].merge(job.output_dir, world_size)
-    FailureLog.merge(job.output_dir, world_size)
-    with open(os.path.join(job.output_dir, FAILURES_NAME)) as f:
-        num_failed = sum(1 for _ in f)
-    # any format holds the feature size; npz would list every file to find its first
-    fmt = next((f for f in job.formats if f != "npz"), "npz")
-    first = next(read_features(job.output_dir, fmt), None)
+    counts = merge_outputs(job.output_dir, job.formats, comm.get_world_size())
     manifest = read_manifest(job.output_dir)
     manifest.update(
         complete=True,
-        counts={"inputs": len(job.items), "written": len(job.items) - num_failed, "failed": num_failed},
-        feature_dim=None if first is None else int(first["x"].shape[1]),
+        counts=dict(counts, inputs=len(job.items), written=len(job.items) - counts["failed"]),
+        feature_dim=feature_dim(job.output_dir, job.formats),
         num_classes=int(job.cfg.MODEL.ROI_HEADS.NUM_CLASSES),
     )
     write_manifest(job.output_dir, manifest)
     shutil.rmtree(os.path.join(job.output_dir, "parts"), ignore_errors=True)
+
+
+def feature_dim(output_dir, formats) -> Optional[int]:
+    """D, from the first record of a layout that reads back (None without one)."""
+    # a one-file layout finds its first record at once; a folder would be listed whole
+    readable = [f for f in formats if f not in ("mmf", "vilbert")]
+    readable.sort(key=lambda f: WRITERS[f].output_name == f)
+    for fmt in readable:
+        first = next(read_features(output_dir, fmt), None)
+        if first is not None:
+            return int(first["x"].shape[1])
+    return None
 
 
 def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
@@ -311,6 +350,12 @@ def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
         f"  in folder  {counts['written']} of {counts['inputs']} images, {counts['failed']} failed"
         + (f" (reasons in {FAILURES_NAME})" if counts["failed"] else ""),
     ]
+    if counts.get("no_regions"):
+        left_out = ", ".join(counts["left_out"]) or "none"
+        lines.append(
+            f"  no regions {counts['no_regions']} images (listed in {NO_REGIONS_NAME}; left out of: "
+            f"{left_out}; --min-regions N gives every image N)"
+        )
     if regions:
         lines.append(
             f"  regions    per image min {min(regions)}, mean {np.mean(regions):.1f}, max {max(regions)}"

@@ -14,6 +14,11 @@ A source (``--input``) is one of
   names without extension; a single image file likewise;
 * the name of a dataset registered in detectron2's ``DatasetCatalog``: its dicts'
   ``image_id`` (or the file stem) and ``file_name``.
+
+``id_mode`` makes every kind give the same kind of id: ``"stem"``, the file name without
+extension (for folders and globs, the path relative to their root); ``"int"``, the COCO json's
+or dataset's integer id, else the digits that end the file stem
+(``COCO_val2014_000000000042`` -> ``"42"``). Two images with the same id are an error.
 """
 import glob
 import json
@@ -29,6 +34,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 
+from .formats.records import LayoutIdError, int_id
+
+ID_MODES = ("stem", "int")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -60,12 +68,20 @@ def _folder_items(folder):
     return [ImageItem(_relative_id(p, folder), p) for p in sorted(paths)]
 
 
-def _coco_items(json_file, image_root):
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _coco_items(json_file, image_root, id_mode):
     try:
         with open(json_file) as f:
             images = json.load(f)["images"]
         return [
-            ImageItem(str(im["id"]), os.path.join(image_root, im["file_name"])) for im in images
+            ImageItem(
+                _stem(im["file_name"]) if id_mode == "stem" else str(im["id"]),
+                os.path.join(image_root, im["file_name"]),
+            )
+            for im in images
         ]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{json_file} is not a COCO-format json ({type(e).__name__}: {e})")
@@ -81,7 +97,7 @@ def _list_file_items(list_file):
                 paths = [os.path.join(root, line.strip()) for line in f if line.strip()]
         except UnicodeDecodeError:
             raise InputError(f"{list_file} is neither an image nor a text file of image paths")
-    return [ImageItem(os.path.splitext(os.path.basename(p))[0], p) for p in paths]
+    return [ImageItem(_stem(p), p) for p in paths]
 
 
 def _glob_items(pattern):
@@ -91,17 +107,27 @@ def _glob_items(pattern):
     return [ImageItem(_relative_id(p, root), p) for p in paths]
 
 
-def _dataset_items(name):
+def _dataset_items(name, id_mode):
     items = []
     for d in DatasetCatalog.get(name):
-        image_id = d.get("image_id", os.path.splitext(os.path.basename(d["file_name"]))[0])
+        stem = _stem(d["file_name"])
+        image_id = stem if id_mode == "stem" else d.get("image_id", stem)
         items.append(ImageItem(str(image_id), d["file_name"]))
     return items
 
 
-def _id_error(image_id, first):
-    if image_id in first:
-        return f"duplicate image id (first from {first[image_id]})"
+def _int_ids(items):
+    """``items`` with their ids made integers (as text), see :func:`records.int_id`."""
+    out = []
+    for item in items:
+        try:
+            out.append(ImageItem(str(int_id(item.image_id)), item.path, item.error))
+        except LayoutIdError as e:
+            raise InputError(f"--id int: {item.path}: {e}")
+    return out
+
+
+def _id_error(image_id):
     if not image_id or any(c in image_id for c in "\t\r\n"):
         return "image id is empty or holds a tab or newline"
     if image_id.startswith("/") or ".." in image_id.split("/"):
@@ -110,49 +136,61 @@ def _id_error(image_id, first):
 
 
 def _check_ids(items):
-    """``items`` with an ``error`` on those whose id repeats an earlier one or is unusable."""
+    """
+    ``items`` with an ``error`` on those whose id is unusable.
+
+    Raises:
+        InputError: two items have the same id.
+    """
     first, out = {}, []
     for item in items:
-        error = _id_error(item.image_id, first)
-        if error:
-            item = ImageItem(item.image_id, item.path, error)
-        else:
-            first[item.image_id] = item.path
-        out.append(item)
+        if item.image_id in first:
+            raise InputError(
+                f"two inputs get image id {item.image_id!r}: {first[item.image_id]} and {item.path}"
+            )
+        first[item.image_id] = item.path
+        error = _id_error(item.image_id)
+        out.append(ImageItem(item.image_id, item.path, error) if error else item)
     return out
 
 
-def list_inputs(source: str, image_root: Optional[str] = None, limit: int = 0) -> List[ImageItem]:
+def list_inputs(source: str, image_root: Optional[str] = None, limit: int = 0,
+                id_mode: Optional[str] = None) -> List[ImageItem]:
     """
     The images of ``source`` (see the module docstring), in a deterministic order.
 
-    Items whose id repeats an earlier one, or cannot name a file, carry an ``error`` and are
-    not extracted.
+    Items whose id cannot name a file carry an ``error`` and are not extracted.
 
     Args:
         image_root: folder that a COCO json's ``file_name``s are relative to.
         limit: keep only the first ``limit`` items (0: all).
+        id_mode: None (the source's own ids), "stem" or "int" (see the module docstring).
 
     Raises:
-        InputError: the source does not exist or cannot be read.
+        InputError: the source does not exist or cannot be read, an id cannot be made an
+            integer (``id_mode="int"``), or two images get the same id.
     """
+    if id_mode not in (None,) + ID_MODES:
+        raise InputError(f"--id must be one of {', '.join(ID_MODES)}; got {id_mode!r}")
     if os.path.isdir(source):
         items = _folder_items(source)
     elif os.path.isfile(source) and source.lower().endswith(".json"):
-        items = _coco_items(source, image_root or os.path.dirname(os.path.abspath(source)))
+        items = _coco_items(source, image_root or os.path.dirname(os.path.abspath(source)), id_mode)
     elif os.path.isfile(source):
         items = _list_file_items(source)
     elif any(c in source for c in "*?["):
         items = _glob_items(source)
     elif source in DatasetCatalog.list():
         try:
-            items = _dataset_items(source)
+            items = _dataset_items(source, id_mode)
         except Exception as e:  # a registered loader is any user function
             raise InputError(f"dataset {source!r} cannot be loaded ({one_line(e)})")
     else:
         raise InputError(f"--input {source!r} is no folder, file, glob or registered dataset")
     if limit > 0:
         items = items[:limit]
+    if id_mode == "int":
+        items = _int_ids(items)
     return _check_ids(items)
 
 

@@ -21,6 +21,7 @@ IDENTITY_KEYS = {
     "fp16": "--fp16",
     "world_size": "number of processes",
     "inputs_sha256": "inputs (--input, --limit)",
+    "id": "--id",
 }
 # module -> distribution (detectron2 may come as another distribution, e.g. pb1-detectron2)
 _PACKAGES = {

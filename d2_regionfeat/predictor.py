@@ -78,6 +78,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         min_boxes: int = 10,
         max_boxes: int = 100,
         region_box: str = "proposal",
+        min_regions: int = 0,
         **kwargs,
     ):
         """
@@ -86,6 +87,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
                 per proposal, bottom-up-attention style; see :func:`select_regions`).
             class_probs: add ``class_probs`` in "detections" mode ("regions" always does).
             conf_thresh, min_boxes, max_boxes, region_box: "regions" mode settings.
+            min_regions: at least this many regions per image (see MIN_REGIONS).
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
@@ -95,6 +97,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.min_boxes = min_boxes
         self.max_boxes = max_boxes
         self.region_box = region_box
+        self.min_regions = min_regions
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -107,6 +110,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             min_boxes=node.MIN_BOXES,
             max_boxes=node.MAX_BOXES,
             region_box=node.BOX,
+            min_regions=node.MIN_REGIONS,
         )
         return ret
 
@@ -151,14 +155,20 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             if self.selection == "regions":
                 result, kept = select_regions(
                     boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
-                    self.test_nms_thresh, self.conf_thresh, self.min_boxes, self.max_boxes,
-                    self.region_box,
+                    self.test_nms_thresh, self.conf_thresh, max(self.min_boxes, self.min_regions),
+                    max(self.max_boxes, self.min_regions), self.region_box,
                 )
             else:
                 result, kept = select_detections(
                     boxes_i, probs_i, proposals_i.image_size,
                     self.test_score_thresh, self.test_nms_thresh, self.test_topk_per_image,
                 )
+                if len(result) < self.min_regions:  # bottom-up-attention's fallback: top-N by score
+                    result, kept = select_regions(
+                        boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
+                        self.test_nms_thresh, float("inf"), self.min_regions, self.min_regions,
+                        "regressed",
+                    )
             result.box_features = features_i[kept]
             result.proposal_index = kept
             if self.class_probs:

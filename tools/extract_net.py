@@ -3,12 +3,12 @@
 Extract region features of a whole image set with a d2_regionfeat model.
 
     python tools/extract_net.py --config-file CFG --input SRC --output OUT \\
-        [--format npz --format tsv ...] [--batch-size 4] [--num-workers 2] [--fp16] \\
-        [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
+        [--format npz --format tsv ...] [--id stem|int] [--min-regions N] [--batch-size 4] \\
+        [--num-workers 2] [--fp16] [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
 
 ``--input`` is a folder, a glob, a text file of paths, a COCO-format json or a registered
 detectron2 dataset (:mod:`d2_regionfeat.inputs`). ``OUT`` gets ``manifest.json``,
-``failures.jsonl`` and one output per ``--format``:
+``failures.jsonl``, ``no_regions.jsonl`` and one output per ``--format``. Our own layouts:
 
 * ``npz``: ``OUT/npz/<image_id>.npz``, keys ``x`` (N, D) features, ``bbox`` (N, 4) x1 y1 x2 y2
   in original pixels, ``num_bbox``, ``image_h``, ``image_w``, ``image_id``, ``objects_id``
@@ -18,14 +18,24 @@ detectron2 dataset (:mod:`d2_regionfeat.inputs`). ``OUT`` gets ``manifest.json``
   ``load_obj_tsv`` reads: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id,
   attrs_conf, num_boxes, boxes, features``; the arrays are base64 of raw bytes: objects_id
   int64 (N,) classes, objects_conf float32 (N,) scores, attrs_id int64 (N,) and attrs_conf
-  float32 (N,) all zeros (the models have no attribute head), boxes float32 (N, 4) x1 y1 x2
+  float32 (N,) the attribute head's (zeros without it), boxes float32 (N, 4) x1 y1 x2
   y2 in original pixels, features float32 (N, D) (float32 even with ``--fp16``).
 * ``hdf5``: ``OUT/features.h5``, flat arrays ``x``, ``bbox``, ``objects_id``,
   ``objects_conf``, ``cls_prob`` over all regions, per image ``image_id``, ``image_h``,
   ``image_w``, ``num_bbox`` and ``offsets`` (image i: rows offsets[i]:offsets[i+1]).
 * ``lmdb``: ``OUT/features.lmdb``, key the image id, value the npz bytes of the image.
 
-Read any of them with ``d2_regionfeat.io.read_features(OUT, fmt)``. A killed run continues
+Layouts that other codebases' loaders read unchanged (d2_regionfeat/formats/<name>.py):
+``butd_tsv`` (original 6-column TSV, int ids), ``openvqa`` / ``openvqa_gqa`` (OpenVQA, MCAN),
+``uniter`` (needs class probabilities), ``mmf``, ``vilbert``, ``ban_hdf5`` (BAN,
+bottom-up-attention-vqa), ``oscar`` (Oscar/VinVL captioning), ``visualbert``. PICKLES: only
+``mmf``, ``vilbert`` and ``ban_hdf5`` write pickle files, because their readers load them;
+nothing here ever reads a pickle back. Images with no region (``detections`` mode) stay in
+npz/hdf5/lmdb and are left out of every other layout, listed in ``no_regions.jsonl``;
+``--min-regions N`` gives every image at least N regions (the top-N by score).
+
+Read any layout but mmf and vilbert with ``d2_regionfeat.io.read_features(OUT, fmt)``; convert
+a finished run to other layouts with ``tools/convert_features.py``. A killed run continues
 with ``--resume`` to the outputs an uninterrupted run gives. Exit status: 0; 1 when no image
 was extracted, or with ``--strict`` when any failed; 2 for bad settings (one-line error).
 """
@@ -41,10 +51,10 @@ import torch  # noqa: E402
 
 import d2_regionfeat  # noqa: F401,E402  (registers the heads, adds MODEL.REGION_FEATURES)
 from d2_regionfeat.extract import ExtractionError, extract, prepare_job  # noqa: E402
-from d2_regionfeat.inputs import InputError  # noqa: E402
+from d2_regionfeat.inputs import ID_MODES, InputError  # noqa: E402
 from d2_regionfeat.launch import launch  # noqa: E402
 from d2_regionfeat.manifest import OutputFolderError, read_manifest  # noqa: E402
-from d2_regionfeat.writers import WRITERS  # noqa: E402
+from d2_regionfeat.formats import WRITERS  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 
@@ -55,7 +65,18 @@ def get_parser():
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--format", action="append", metavar="F",
-        help=f"output format, repeatable or comma-separated: {', '.join(WRITERS)} (default npz)",
+        help=f"output format, repeatable or comma-separated: {', '.join(WRITERS)} (default npz); "
+        "mmf, vilbert and ban_hdf5 write pickles (their readers' design)",
+    )
+    parser.add_argument(
+        "--id", choices=ID_MODES, dest="id_mode",
+        help="image ids: 'stem' (file name without extension) or 'int' (COCO id, or the digits "
+        "ending the stem); default: the input's ids, as integers for butd_tsv, vilbert, ban_hdf5",
+    )
+    parser.add_argument(
+        "--min-regions", type=_non_negative, default=0, metavar="N",
+        help="at least N regions per image: below N detections, the top-N regions by score "
+        "(MODEL.REGION_FEATURES.MIN_REGIONS)",
     )
     parser.add_argument("--image-root", help="folder the file names of a COCO json are relative to")
     parser.add_argument("--batch-size", type=_positive, default=4, help="images per model call")
@@ -99,6 +120,8 @@ def setup_cfg(args):
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
         raise ExtractionError(f"config options {' '.join(opts)}: {e.args[0] if e.args else e}")
+    if args.min_regions:
+        cfg.MODEL.REGION_FEATURES.MIN_REGIONS = args.min_regions
     if args.device:
         cfg.MODEL.DEVICE = args.device
     elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -116,6 +139,7 @@ def main(argv=None):
         job = prepare_job(
             cfg, args.input, args.output, formats, args.num_gpus * args.num_machines,
             resume=args.resume, image_root=args.image_root, limit=args.limit, claim=args.machine_rank == 0,
+            id_mode=args.id_mode,
             batch_size=args.batch_size, num_workers=args.num_workers, fp16=args.fp16,
         )
     except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:

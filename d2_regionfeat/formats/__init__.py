@@ -1,0 +1,62 @@
+"""
+Feature file layouts, one module each, registered by name in :data:`WRITERS`; each writer
+class also reads its layout back (:meth:`FeatureWriter.read`) into the per-image records of
+:mod:`.records`.
+
+Our own layouts: ``npz``, ``hdf5``, ``lmdb``, and ``tsv`` (LXMERT). Layouts that other
+codebases' loaders read unchanged: ``butd_tsv``, ``openvqa``, ``openvqa_gqa``, ``uniter``,
+``mmf``, ``vilbert``, ``ban_hdf5``, ``oscar``, ``visualbert``. Only ``mmf``, ``vilbert``
+and ``ban_hdf5`` write pickles (their readers' design); none is ever read back here.
+Crash safety is in :mod:`.safety`, the per-rank run logic in :mod:`.run`.
+"""
+import json
+import os
+from typing import Dict, Iterator, Optional
+
+# registration order: our own layouts first, then the consumers'
+from . import npz, tsv, lmdb, hdf5  # noqa: F401,I001
+from . import butd_tsv, openvqa, uniter, mmf, vilbert, ban, oscar, visualbert  # noqa: F401,I001
+from .base import WRITERS, FeatureWriter, WriteOnlyLayoutError, register_format
+from .records import LayoutIdError, int_id
+from .run import FAILURES_NAME, MANIFEST_NAME, NO_REGIONS_NAME, RunOutputs, check_ids, merge_outputs
+
+# Where each layout lies in an output folder.
+OUTPUT_NAMES = {name: cls.output_name for name, cls in WRITERS.items()}
+# Layout -> function reading the records of the layout at a path.
+READERS = {name: cls.read for name, cls in WRITERS.items()}
+
+
+def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
+    """
+    Records of a feature file or an output folder of ``tools/extract_net.py``. Never
+    unpickles: ``mmf`` and ``vilbert`` raise :class:`WriteOnlyLayoutError`, ``ban_hdf5`` is
+    read without its pickle.
+
+    Args:
+        path: an output folder (then ``fmt`` says which of its layouts; default its
+            first), an ``npz`` folder, a ``.tsv`` file, an ``.h5``/``.hdf5`` file, an LMDB
+            folder, or (with ``fmt``) the file or folder of any layout.
+        fmt: one of :data:`WRITERS`; guessed from ``path`` when not given.
+    """
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        if fmt is None:
+            with open(os.path.join(path, MANIFEST_NAME)) as f:
+                fmt = json.load(f)["formats"][0]
+        path = os.path.join(path, OUTPUT_NAMES[fmt])
+    elif fmt is None:
+        if path.endswith(".tsv"):
+            fmt = "tsv"
+        elif path.endswith((".h5", ".hdf5")):
+            fmt = "hdf5"
+        elif os.path.isfile(os.path.join(path, "data.mdb")):
+            fmt = "lmdb"
+        else:
+            fmt = "npz"
+    return READERS[fmt](path)
+
+
+__all__ = [
+    "WRITERS", "READERS", "OUTPUT_NAMES", "FeatureWriter", "register_format", "read_features",
+    "RunOutputs", "merge_outputs", "check_ids", "LayoutIdError", "WriteOnlyLayoutError", "int_id",
+    "MANIFEST_NAME", "FAILURES_NAME", "NO_REGIONS_NAME",
+]

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""
+Convert a finished extraction of tools/extract_net.py into other layouts, without the model.
+
+    python tools/convert_features.py IN_DIR --format F [--format G ...] [--id stem|int] \\
+        --output OUT_DIR [--resume] [--source-format S]
+
+The records are read from the best layout IN_DIR holds (hdf5, lmdb, npz, then tsv; or
+``--source-format``) and written as ``tools/extract_net.py --format F`` would have written
+them: the same files, the same ``no_regions.jsonl`` and ``failures.jsonl``, a manifest with
+the source's config and ``converted_from``. Killed, it continues with ``--resume``.
+``mmf``, ``vilbert`` and ``ban_hdf5`` write pickles (their readers' design). Exit status: 0;
+2 for bad settings or a source that lacks what a layout needs (one-line error).
+"""
+import argparse
+import sys
+import warnings
+
+# Deprecation notices that torch and detectron2 print on import, not meant for users.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+from d2_regionfeat.convert import ConversionError, convert  # noqa: E402
+from d2_regionfeat.formats import WRITERS  # noqa: E402
+from d2_regionfeat.inputs import ID_MODES  # noqa: E402
+from d2_regionfeat.manifest import OutputFolderError  # noqa: E402
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("input", metavar="IN_DIR", help="output folder of a finished extraction")
+    parser.add_argument(
+        "--format", action="append", required=True, metavar="F",
+        help=f"layout(s) to write, repeatable or comma-separated: {', '.join(WRITERS)}",
+    )
+    parser.add_argument("--output", required=True, metavar="OUT_DIR", help="new or empty folder")
+    parser.add_argument(
+        "--id", choices=ID_MODES, dest="id_mode",
+        help="'int': ids made integers (the digits ending them); 'stem' or none: the source's ids",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the conversion that made OUT_DIR")
+    parser.add_argument("--source-format", metavar="S", help="the layout of IN_DIR to read")
+    return parser
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    formats = [f for value in args.format for f in value.split(",") if f]
+    try:
+        manifest = convert(args.input, formats, args.output, args.id_mode, args.resume, args.source_format)
+    except (ConversionError, OutputFolderError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    counts = manifest["counts"]
+    print(
+        f"Converted {args.input} -> {args.output} ({', '.join(manifest['formats'])}): "
+        f"{counts['written']} images, {counts['no_regions']} without regions "
+        f"(left out of {', '.join(counts['left_out']) or 'none'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
