@@ -138,15 +138,13 @@ def cpu_nms(boxes, scores, thresh):
         if suppressed[i]:
             continue
         keep.append(i)
-        for j in order[position + 1 :]:
-            if suppressed[j]:
-                continue
-            w = max(np.float32(0), min(x2[i], x2[j]) - max(x1[i], x1[j]) + np.float32(1))
-            h = max(np.float32(0), min(y2[i], y2[j]) - max(y1[i], y1[j]) + np.float32(1))
-            inter = np.float32(w * h)
-            ovr = np.float32(inter / np.float32(areas[i] + areas[j] - inter))
-            if float(ovr) >= thresh:
-                suppressed[j] = True
+        # The inner loop of cpu_nms over the later boxes, element by element in float32.
+        j = order[position + 1 :]
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[j]) - np.maximum(x1[i], x1[j]) + np.float32(1))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[j]) - np.maximum(y1[i], y1[j]) + np.float32(1))
+        inter = w * h
+        ovr = inter / (areas[i] + areas[j] - inter)
+        suppressed[j[ovr.astype(np.float64) >= thresh]] = True
     return np.array(keep, dtype=np.int64)
 
 
