@@ -16,7 +16,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 
 import butd_reference as ref
 from d2_regionfeat.selection import select_butd
@@ -254,3 +254,11 @@ def test_default_predictor_loads_weights_and_names_from_vocabularies(model, tmp_
     res = predictor(bgr)["instances"]
     assert 10 <= len(res) <= 100 and res.image_size == (120, 160)
     assert res.box_features.shape == (len(res), 256) and res.attr_probs.shape == (len(res), 401)
+
+
+def test_butd_needs_the_original_sizes(model):
+    predictor = model.roi_heads.box_predictor
+    probs = torch.full((2, 1601), 1.0 / 1601)
+    proposals = [Instances((9, 9), proposal_boxes=Boxes(torch.zeros(2, 4)))]
+    with pytest.raises(RuntimeError, match='META_ARCHITECTURE "RegionFeatureRCNN"'):
+        predictor.select([torch.zeros(2, 6400)], [probs], torch.zeros(2, 256), proposals)
