@@ -185,7 +185,8 @@ class FeatureRes5ROIHeads(RegionFeatureHeadsMixin, Res5ROIHeads):
             return super()._build_res5_block(cfg)
         if dilation != 2:
             raise ValueError(
-                f"MODEL.RESNETS.RES5_DILATION must be 1 or 2 for FeatureRes5ROIHeads; got {dilation}"
+                "MODEL.RESNETS.RES5_DILATION must be 1 or 2 for FeatureRes5ROIHeads; "
+                f"got {dilation}"
             )
         stage_channel_factor = 2 ** 3  # res5 is 8x res2
         resnets = cfg.MODEL.RESNETS

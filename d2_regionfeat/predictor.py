@@ -45,7 +45,8 @@ def feature_predictor_like(cfg, stock):
             ShapeSpec(channels=stock.cls_score.in_features),
             box2box_transform=stock.box2box_transform,
         )
-    predictor.load_state_dict(stock.state_dict(), strict=not predictor.attribute_on)
+    with_attributes = getattr(predictor, "attribute_on", False)
+    predictor.load_state_dict(stock.state_dict(), strict=not with_attributes)
     return predictor
 
 
