@@ -262,3 +262,15 @@ def test_butd_needs_the_original_sizes(model):
     proposals = [Instances((9, 9), proposal_boxes=Boxes(torch.zeros(2, 4)))]
     with pytest.raises(RuntimeError, match='META_ARCHITECTURE "RegionFeatureRCNN"'):
         predictor.select([torch.zeros(2, 6400)], [probs], torch.zeros(2, 256), proposals)
+
+
+def test_batch_gives_the_per_image_results(model):
+    batch = [{"image": image(s, 150, 200), "height": 300, "width": 400} for s in (21, 22)]
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        batched = [o["instances"] for o in model(batch)]
+        singles = [model([x])[0]["instances"] for x in batch]
+    for single, from_batch in zip(singles, batched):
+        assert single.proposal_index.tolist() == from_batch.proposal_index.tolist()
+        for name in ("box_features", "class_probs", "attr_probs", "scores"):
+            close(from_batch.get(name), single.get(name), rtol=1e-5)
+        close(from_batch.pred_boxes.tensor, single.pred_boxes.tensor, rtol=1e-5)
