@@ -274,3 +274,20 @@ def test_batch_gives_the_per_image_results(model):
         for name in ("box_features", "class_probs", "attr_probs", "scores"):
             close(from_batch.get(name), single.get(name), rtol=1e-5)
         close(from_batch.pred_boxes.tensor, single.pred_boxes.tensor, rtol=1e-5)
+
+
+def test_explain_report_prints_class_names(tmp_path):
+    from d2_regionfeat.explain import format_report
+    from d2_regionfeat.vocabulary import read_vocabulary
+
+    report = {
+        "score_thresh": 0.5, "stages": [{"stage": "proposals", "count": 2}], "final": 1,
+        "removed_by_nms": [{"proposal": 1, "class": 1, "score": 0.6, "iou": 0.8,
+                            "by_proposal": 0, "by_score": 0.9}],
+    }
+    path = tmp_path / "objects_vocab.txt"
+    path.write_text("red ball,ball\n\ntable, desk\n")
+    names = read_vocabulary(str(path))
+    assert names == ["red ball", "table"]
+    assert "class table (score 0.600)" in format_report(report, "img", names)
+    assert "class 1 (score 0.600)" in format_report(report, "img")
