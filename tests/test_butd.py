@@ -4,6 +4,7 @@ re-statement (butd_reference.py), the "butd" selection against generate_tsv.py's
 ports' checkpoints. The network is the VG config's with narrow widths (same depth, layout,
 pooling and heads), random weights, CPU.
 """
+import copy
 import os
 import pickle
 
@@ -291,3 +292,24 @@ def test_explain_report_prints_class_names(tmp_path):
     assert names == ["red ball", "table"]
     assert "class table (score 0.600)" in format_report(report, "img", names)
     assert "class 1 (score 0.600)" in format_report(report, "img")
+
+
+def test_vg_model_trains_with_attributes(model):
+    from detectron2.utils.events import EventStorage
+
+    trained = copy.deepcopy(model).train()
+    trained.roi_heads.batch_size_per_image = 32
+    item = {"image": image(5, 150, 200)}
+    gt = Instances((150, 200))
+    gt.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 120.0, 140.0], [60.0, 5.0, 190.0, 90.0]]))
+    gt.gt_classes = torch.tensor([3, 1500])
+    gt.gt_attributes = torch.full((2, 16), -1, dtype=torch.int64)
+    gt.gt_attributes[0, :2] = torch.tensor([7, 399])
+    item["instances"] = gt
+    torch.manual_seed(0)
+    with EventStorage():
+        losses = trained([item])
+    assert {"loss_cls", "loss_box_reg", "loss_attr", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert trained.roi_heads.box_predictor.fc_attr.weight.grad.abs().sum() > 0
