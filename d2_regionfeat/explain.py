@@ -23,9 +23,9 @@ def _recorded_selection(predictor, score_thresh):
     calls = []
     saved = predictor.selection, predictor.test_score_thresh
 
-    def recording_select(boxes, probs, features, proposals):
+    def recording_select(boxes, probs, features, proposals, attr_probs=None):
         calls.append((boxes, probs, proposals))
-        return type(predictor).select(predictor, boxes, probs, features, proposals)
+        return type(predictor).select(predictor, boxes, probs, features, proposals, attr_probs)
 
     predictor.selection, predictor.test_score_thresh = "detections", score_thresh
     predictor.select = recording_select
@@ -146,15 +146,16 @@ def explain_detections(model, batched_inputs: List[dict], score_thresh=None) -> 
     return reports
 
 
-def format_report(report: dict, name: str = "") -> str:
-    """A readable table of one image's report."""
+def format_report(report: dict, name: str = "", class_names=None) -> str:
+    """A readable table of one image's report; classes by name when ``class_names`` given."""
     lines = [f"{name}  (score threshold {report['score_thresh']:g})".strip()]
     width = max(len(s["stage"]) for s in report["stages"])
     for stage in report["stages"]:
         lines.append(f"  {stage['stage']:<{width}}  {stage['count']:>6}")
     for item in report["removed_by_nms"][:10]:
         lines.append(
-            f"    NMS removed proposal {item['proposal']} class {item['class']} "
+            f"    NMS removed proposal {item['proposal']} class "
+            f"{class_names[item['class']] if class_names else item['class']} "
             f"(score {item['score']:.3f}): IoU {item['iou']:.2f} with proposal "
             f"{item['by_proposal']} (score {item['by_score']:.3f})"
         )

@@ -16,6 +16,7 @@ import json
 import sys
 
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
 from d2_regionfeat.config import use_feature_heads
@@ -48,7 +49,11 @@ def main(argv=None):
     if args.json:
         print(json.dumps(reports, indent=1))
     else:
-        print("\n\n".join(format_report(report, path) for path, report in reports.items()))
+        # Names from the test dataset's metadata (MODEL.REGION_FEATURES.CLASS_NAMES_FILE).
+        names = None
+        if cfg.DATASETS.TEST:
+            names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
+        print("\n\n".join(format_report(report, path, names) for path, report in reports.items()))
 
 
 if __name__ == "__main__":
