@@ -7,4 +7,10 @@ from .synthetic import (
     render_image,
 )
 
-__all__ = ["ATTRIBUTES", "CLASSES", "load_synthetic_shapes", "register_synthetic_shapes", "render_image"]
+__all__ = [
+    "ATTRIBUTES",
+    "CLASSES",
+    "load_synthetic_shapes",
+    "register_synthetic_shapes",
+    "render_image",
+]

@@ -6,9 +6,10 @@ rotations and colours, some overlapping, on a background made of gradients, stri
 checkers and blotches. Annotations are exact: each object's mask is its visible pixels
 (COCO RLE), its box the extent of that mask, its attributes (:data:`ATTRIBUTES`) the name of
 the colour it is drawn in and its size, where these are clear (so that they can be checked by
-eye: no name for greyish or brownish colours, no size for middle-sized shapes). An image depends only on (seed, split, index),
-so a split is the same on every machine; it is written once (PNG files and an annotation
-JSON) under a folder the caller chooses and read back from there afterwards.
+eye: no name for greyish or brownish colours, no size for middle-sized shapes). An image
+depends only on (seed, split, index), so a split is the same on every machine; it is written
+once (PNG files and an annotation JSON) under a folder the caller chooses and read back from
+there afterwards.
 """
 import colorsys
 import json
@@ -289,7 +290,8 @@ def _with_folder(records: List[Dict], folder: str) -> List[Dict]:
 def register_synthetic_shapes(root: str, seed: int = 0, prefix: str = DATASET_PREFIX):
     """
     Register ``<prefix>_train`` and ``<prefix>_val`` in DatasetCatalog (made lazily, under
-    ``root``) and their class names and colours and attribute names in MetadataCatalog.
+    ``root``) and their class names and colours, attribute names (``attribute_classes``) and
+    attribute groups (``attribute_groups``: group name -> attribute names) in MetadataCatalog.
 
     Returns:
         list[str]: the registered dataset names.
@@ -304,6 +306,7 @@ def register_synthetic_shapes(root: str, seed: int = 0, prefix: str = DATASET_PR
             thing_classes=list(CLASSES),
             thing_colors=list(CLASS_COLORS),
             attribute_classes=list(ATTRIBUTES),
+            attribute_groups={group: list(names) for group, names in ATTRIBUTE_GROUPS.items()},
             evaluator_type="coco",
         )
         names.append(name)
