@@ -1,5 +1,6 @@
 """
-A narrow ResNet-FPN backbone for small models trained from scratch.
+Backbones: a narrow ResNet-FPN for small models trained from scratch, and the ResNet with
+the caffe max-pool stem of bottom-up-attention.
 
 detectron2's ``build_resnet_backbone`` fixes the widths of ResNet-18/34 (64 to 512 channels,
 ``MODEL.RESNETS.RES2_OUT_CHANNELS`` must be 64). The builder here makes the same
@@ -7,11 +8,16 @@ BasicBlock networks with every width scaled from ``RES2_OUT_CHANNELS`` (res2 has
 channels, each later stage twice the one before), out of detectron2's own ResNet, BasicBlock
 and FPN classes, so that a whole Mask R-CNN fits in a few megabytes.
 """
+import torch
+import torch.nn.functional as F
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone import FPN, ResNet, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
+
+from .checkpoint import register_checkpoint_conversion
 
 BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
@@ -71,3 +77,39 @@ def build_narrow_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+class CaffeMaxPoolStem(BasicStem):
+    """
+    :class:`BasicStem` (7x7 conv stride 2, ReLU, 3x3 max pool stride 2) whose max pool is
+    Caffe's: no padding, output size rounded up (``ceil_mode``), as in the original
+    bottom-up-attention network. detectron2's stem pads by 1 and rounds down.
+    """
+
+    def forward(self, x):
+        x = F.relu_(self.conv1(x))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_caffe_maxpool_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """
+    detectron2's ``build_resnet_backbone`` (same keys, parameters and initial weights) with
+    :class:`CaffeMaxPoolStem` as its stem. Checkpoints of the PyTorch ports of
+    bottom-up-attention load into it with their BatchNorm counters dropped
+    (:mod:`d2_regionfeat.checkpoint`).
+    """
+    backbone = build_resnet_backbone(cfg, input_shape)
+    stock = backbone.stem
+    with torch.random.fork_rng(devices=[]):
+        stem = CaffeMaxPoolStem(
+            in_channels=input_shape.channels,
+            out_channels=cfg.MODEL.RESNETS.STEM_OUT_CHANNELS,
+            norm=cfg.MODEL.RESNETS.NORM,
+        )
+    if cfg.MODEL.BACKBONE.FREEZE_AT >= 1:
+        stem.freeze()
+    stem.load_state_dict(stock.state_dict())
+    backbone.stem = stem
+    register_checkpoint_conversion(backbone)
+    return backbone

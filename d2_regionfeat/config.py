@@ -2,7 +2,7 @@
 from detectron2.config import CfgNode as CN
 
 SOURCES = ("box_head", "pooled")
-SELECTIONS = ("detections", "regions")
+SELECTIONS = ("detections", "regions", "butd")
 BOX_MODES = ("proposal", "regressed")
 POOL_AT = ("proposal", "final")
 # detectron2's ROI heads and the Feature head standing in for each.
@@ -15,13 +15,20 @@ FEATURE_HEADS = {
 
 def add_regionfeat_config(cfg):
     """
-    Add the ``MODEL.REGION_FEATURES`` node to ``cfg`` (in place; a no-op if present).
+    Add d2_regionfeat's keys to ``cfg`` (in place; nodes already present are left alone):
+    the ``MODEL.REGION_FEATURES`` node, ``MODEL.ATTRIBUTE_ON`` and the
+    ``MODEL.ROI_ATTRIBUTE_HEAD`` node.
 
-    Importing :mod:`d2_regionfeat` also adds it to detectron2's default config, so every
-    ``get_cfg()`` made afterwards has it and YAML files can set its keys directly.
+    Importing :mod:`d2_regionfeat` also adds them to detectron2's default config, so every
+    ``get_cfg()`` made afterwards has them and YAML files can set their keys directly.
     """
-    if "REGION_FEATURES" in cfg.MODEL:
-        return
+    if "REGION_FEATURES" not in cfg.MODEL:
+        _add_region_features_node(cfg)
+    if "ATTRIBUTE_ON" not in cfg.MODEL:
+        _add_attribute_keys(cfg)
+
+
+def _add_region_features_node(cfg):
     node = cfg.MODEL.REGION_FEATURES = CN()
     # Name in ROI_BOX_PREDICTOR_REGISTRY of the box predictor the Feature heads build.
     node.PREDICTOR = "FeatureFastRCNNOutputLayers"
@@ -35,9 +42,11 @@ def add_regionfeat_config(cfg):
     node.CLASS_PROBS = False
     # "detections": detectron2's own post-processing, unchanged.
     # "regions": bottom-up-attention style, at most one region per proposal.
+    # "butd": the selection of bottom-up-attention's tools/generate_tsv.py, to the row (per-class
+    # NMS over the proposal boxes with the legacy +1 IoU, proposal order within the bounds).
     node.SELECTION = "detections"
-    # "regions" mode: keep regions scoring >= CONF_THRESH, but at least MIN_BOXES and at most
-    # MAX_BOXES of them (highest scores first).
+    # "regions" and "butd" modes: keep regions scoring >= CONF_THRESH, but at least MIN_BOXES
+    # and at most MAX_BOXES of them (highest scores first).
     node.CONF_THRESH = 0.2
     node.MIN_BOXES = 10
     node.MAX_BOXES = 100
@@ -45,6 +54,29 @@ def add_regionfeat_config(cfg):
     # Cascade R-CNN the last stage's input box), as bottom-up-attention does;
     # "regressed": the box regressed for the region's class.
     node.BOX = "proposal"
+    # Optional vocabulary files (one name per line; the first comma-separated synonym is the
+    # display name), e.g. bottom-up-attention's objects_vocab.txt / attributes_vocab.txt:
+    # they become ``thing_classes`` / ``attribute_classes`` in the MetadataCatalog of every
+    # dataset of DATASETS.TEST when the model is built. "" = leave the metadata alone.
+    node.CLASS_NAMES_FILE = ""
+    node.ATTRIBUTE_NAMES_FILE = ""
+
+
+def _add_attribute_keys(cfg):
+    # Add the attribute head to the Feature heads' box predictor (like MASK_ON for masks).
+    cfg.MODEL.ATTRIBUTE_ON = False
+    node = cfg.MODEL.ROI_ATTRIBUTE_HEAD = CN()
+    # A: number of real attributes; the head scores A + 1 ("no attribute" last).
+    node.NUM_ATTRIBUTES = 400
+    # Size of the class embedding (an Embedding over the K + 1 classes) fed to the head.
+    node.EMBED_DIM = 256
+    # Width of the hidden layer fc_attr on [region feature, class embedding].
+    node.HIDDEN_DIM = 512
+    # Weight of loss_attr in the total loss.
+    node.LOSS_WEIGHT = 1.0
+    # Training: at most this many attributes per annotation (gt_attributes has this many
+    # columns, padded with -1); an annotation with more is an error.
+    node.MAX_ATTRIBUTES_PER_INSTANCE = 16
 
 
 def _check_choice(node, key, choices):
@@ -82,6 +114,27 @@ def region_features_node(cfg):
         raise ValueError(
             f"MODEL.REGION_FEATURES.MAX_BOXES ({node.MAX_BOXES}) must be >= "
             f"MIN_BOXES ({node.MIN_BOXES})"
+        )
+    return node
+
+
+def attribute_head_node(cfg):
+    """
+    Return ``cfg.MODEL.ROI_ATTRIBUTE_HEAD`` when ``MODEL.ATTRIBUTE_ON`` is set (after checking
+    its values), else None.
+
+    Raises:
+        ValueError: naming the first key whose value is not allowed.
+    """
+    if not cfg.MODEL.get("ATTRIBUTE_ON", False):
+        return None
+    node = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+    for key in ("NUM_ATTRIBUTES", "EMBED_DIM", "HIDDEN_DIM", "MAX_ATTRIBUTES_PER_INSTANCE"):
+        if node[key] < 1:
+            raise ValueError(f"MODEL.ROI_ATTRIBUTE_HEAD.{key} must be >= 1; got {node[key]}")
+    if node.LOSS_WEIGHT < 0:
+        raise ValueError(
+            f"MODEL.ROI_ATTRIBUTE_HEAD.LOSS_WEIGHT must be >= 0; got {node.LOSS_WEIGHT}"
         )
     return node
 

@@ -4,23 +4,29 @@ ROI heads that return region features with their detections.
 Each class subclasses a standard detectron2 head, keeps its parameters (state-dict keys are
 identical, so existing checkpoints load) and its training path, and differs at inference
 only: every output ``Instances`` gains ``box_features`` (M, D), ``proposal_index`` (M,) and,
-when asked, ``class_probs`` (M, K+1).
+when asked, ``class_probs`` (M, K+1); with ``MODEL.ATTRIBUTE_ON`` their box predictor also
+has the attribute head (``attr_probs``, ``attrs_id``, ``attrs_conf``; ``loss_attr``).
 """
 from typing import Dict, List
 
 import torch
+from torch import nn
 
 from detectron2.config import configurable
+from detectron2.modeling.backbone import BottleneckBlock, ResNet
 from detectron2.modeling.roi_heads import (
     ROI_HEADS_REGISTRY,
     CascadeROIHeads,
     Res5ROIHeads,
     StandardROIHeads,
 )
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 
+from .attributes import attribute_fields
+from .checkpoint import register_checkpoint_conversion
 from .config import region_features_node
 from .predictor import feature_predictor_like
+from .vocabulary import register_vocabularies
 
 
 class RegionFeatureHeadsMixin:
@@ -49,6 +55,7 @@ class RegionFeatureHeadsMixin:
                 f"{type(self).__name__} needs a box predictor with a select() method, such as "
                 f"FeatureFastRCNNOutputLayers; got {type(self.feature_predictor).__name__}"
             )
+        register_checkpoint_conversion(self)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -56,6 +63,7 @@ class RegionFeatureHeadsMixin:
         node = region_features_node(cfg)
         ret.update(region_source=node.SOURCE, pool_at=node.POOL_AT)
         cls._use_feature_predictor(cfg, ret)
+        register_vocabularies(cfg)
         return ret
 
     @classmethod
@@ -98,7 +106,8 @@ class RegionFeatureHeadsMixin:
         * ``class_probs`` (M, K+1) from the predictor (the last stage's for Cascade);
         * ``proposal_index`` (M,): the row among the given boxes;
         * ``pred_classes`` and ``scores``, where missing: the most probable foreground class
-          and its probability.
+          and its probability;
+        * with the attribute head: ``attr_probs``, ``attrs_id``, ``attrs_conf``.
         """
         if instances and not instances[0].has("box_features"):
             self._describe_given_boxes(features, instances)
@@ -109,14 +118,22 @@ class RegionFeatureHeadsMixin:
         head_out = self._head(pooled)
         region_features = self._source_features(pooled, head_out)
         predictor = self.feature_predictor
-        probs = predictor.predict_probs(predictor(head_out), instances)
+        predictions = predictor(head_out)
+        probs = predictor.predict_probs(predictions, instances)
+        attr_probs = predictor.predict_attr_probs(predictions)
         sizes = [len(x) for x in instances]
-        for x, feats, probs_i in zip(instances, region_features.split(sizes), probs):
+        attr_probs = attr_probs.split(sizes) if attr_probs is not None else [None] * len(sizes)
+        for x, feats, probs_i, attr_probs_i in zip(
+            instances, region_features.split(sizes), probs, attr_probs
+        ):
             x.box_features = feats
             x.class_probs = probs_i
             x.proposal_index = torch.arange(len(x), device=probs_i.device)
             if not x.has("pred_classes"):
                 x.scores, x.pred_classes = probs_i[:, :-1].max(dim=1)
+            if attr_probs_i is not None:
+                for name, value in attribute_fields(attr_probs_i).items():
+                    x.set(name, value)
 
     def _finish_region_features(self, features, proposals, instances):
         """
@@ -154,7 +171,38 @@ class FeatureROIHeads(RegionFeatureHeadsMixin, StandardROIHeads):
 @ROI_HEADS_REGISTRY.register()
 class FeatureRes5ROIHeads(RegionFeatureHeadsMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (C4 models) returning region features; "box_head" features are
-    the res5 output averaged over its cells (2048-d for ResNet-50/101)."""
+    the res5 output averaged over its cells (2048-d for ResNet-50/101).
+
+    With ``MODEL.RESNETS.RES5_DILATION: 2``, res5 is bottom-up-attention's: stride 1 in its
+    first block (conv1 and shortcut), dilation 2 (padding 2) in every 3x3 conv, so the pooled
+    S x S map stays S x S.
+    """
+
+    @classmethod
+    def _build_res5_block(cls, cfg):
+        dilation = cfg.MODEL.RESNETS.RES5_DILATION
+        if dilation == 1:
+            return super()._build_res5_block(cfg)
+        if dilation != 2:
+            raise ValueError(
+                f"MODEL.RESNETS.RES5_DILATION must be 1 or 2 for FeatureRes5ROIHeads; got {dilation}"
+            )
+        stage_channel_factor = 2 ** 3  # res5 is 8x res2
+        resnets = cfg.MODEL.RESNETS
+        out_channels = resnets.RES2_OUT_CHANNELS * stage_channel_factor
+        blocks = ResNet.make_stage(
+            BottleneckBlock,
+            3,
+            stride_per_block=[1, 1, 1],
+            in_channels=out_channels // 2,
+            bottleneck_channels=resnets.NUM_GROUPS * resnets.WIDTH_PER_GROUP * stage_channel_factor,
+            out_channels=out_channels,
+            num_groups=resnets.NUM_GROUPS,
+            norm=resnets.NORM,
+            stride_in_1x1=resnets.STRIDE_IN_1X1,
+            dilation=dilation,
+        )
+        return nn.Sequential(*blocks), out_channels
 
     def _pool(self, features, boxes):
         return self.pooler([features[f] for f in self.in_features], boxes)
@@ -185,6 +233,26 @@ class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
     def _head(self, pooled):
         return self.box_head[-1](pooled).flatten(1)
 
+    @torch.no_grad()
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        """
+        As in CascadeROIHeads; with the attribute head, the last stage's proposals also get
+        ``gt_attributes`` of their matched ground truth (CascadeROIHeads copies only classes
+        and boxes).
+        """
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if stage != self.num_cascade_stages - 1 or not self.feature_predictor.attribute_on:
+            return proposals
+        for proposals_per_image, targets_per_image in zip(proposals, targets):
+            if len(targets_per_image) == 0 or not targets_per_image.has("gt_attributes"):
+                continue
+            match_quality_matrix = pairwise_iou(
+                targets_per_image.gt_boxes, proposals_per_image.proposal_boxes
+            )
+            matched_idxs, _ = self.proposal_matchers[stage](match_quality_matrix)
+            proposals_per_image.gt_attributes = targets_per_image.gt_attributes[matched_idxs]
+        return proposals
+
     def _forward_box(self, features, proposals, targets=None):
         if self.training:
             return super()._forward_box(features, proposals, targets)
@@ -205,7 +273,8 @@ class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
             for probs_per_image in zip(*probs_per_stage)
         ]
         instances, _ = self.feature_predictor.select(
-            boxes, probs, predictions.features, stage_proposals
+            boxes, probs, predictions.features, stage_proposals,
+            self.feature_predictor.predict_attr_probs(predictions),
         )
         self._finish_region_features(features, stage_proposals, instances)
         return instances

@@ -1,7 +1,10 @@
 """Box predictors that keep, for every output region, the feature of the proposal behind it."""
-from typing import List
+import contextlib
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
@@ -9,8 +12,9 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
-from .config import region_features_node
-from .selection import select_detections, select_regions
+from .attributes import attribute_fields, attribute_logits, attribute_loss, gt_attribute_rows
+from .config import attribute_head_node, region_features_node
+from .selection import select_butd, select_detections, select_regions
 
 ROI_BOX_PREDICTOR_REGISTRY = Registry("ROI_BOX_PREDICTOR")
 ROI_BOX_PREDICTOR_REGISTRY.__doc__ = """
@@ -32,7 +36,8 @@ def feature_predictor_like(cfg, stock):
     """
     The registered predictor standing in for ``stock`` (a :class:`FastRCNNOutputLayers`):
     same input size, box transform and weights, built without drawing from the CPU random
-    generator, so a model built from one seed has the weights of the plain model from it.
+    generator, so a model built from one seed has the weights of the plain model from it
+    (the attribute head, when on, is drawn from the generator's current state).
     """
     with torch.random.fork_rng(devices=[]):
         predictor = build_box_predictor(
@@ -40,7 +45,7 @@ def feature_predictor_like(cfg, stock):
             ShapeSpec(channels=stock.cls_score.in_features),
             box2box_transform=stock.box2box_transform,
         )
-    predictor.load_state_dict(stock.state_dict())
+    predictor.load_state_dict(stock.state_dict(), strict=not predictor.attribute_on)
     return predictor
 
 
@@ -48,12 +53,14 @@ class RegionPredictions(tuple):
     """
     ``(scores, proposal_deltas)`` exactly as :meth:`FastRCNNOutputLayers.forward` returns
     them (so every consumer that unpacks two values works unchanged), plus ``features``:
-    the (R, D) predictor input, one row per proposal of the batch.
+    the (R, D) predictor input, one row per proposal of the batch, and ``attr_logits``:
+    (R, A+1) attribute logits at inference with the attribute head on, else None.
     """
 
-    def __new__(cls, scores, proposal_deltas, features):
+    def __new__(cls, scores, proposal_deltas, features, attr_logits=None):
         self = super().__new__(cls, (scores, proposal_deltas))
         self.features = features
+        self.attr_logits = attr_logits
         return self
 
 
@@ -64,7 +71,11 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
     ``box_features`` (its proposal's predictor input, (D,)), ``proposal_index`` (that
     proposal's row among the image's proposals) and optionally ``class_probs`` ((K+1,)).
 
-    Parameters and losses are those of :class:`FastRCNNOutputLayers`.
+    Parameters and losses are those of :class:`FastRCNNOutputLayers`; with the attribute
+    head on (``MODEL.ATTRIBUTE_ON``) it also has ``cls_embedding`` (Embedding(K+1, E)),
+    ``fc_attr`` (Linear(D+E, H)) and ``attr_score`` (Linear(H, A+1)), gives every output
+    region ``attr_probs`` (A+1,), ``attrs_id`` and ``attrs_conf`` (see
+    :mod:`d2_regionfeat.attributes`), and trains them with ``loss_attr``.
     """
 
     @configurable
@@ -78,23 +89,45 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         min_boxes: int = 10,
         max_boxes: int = 100,
         region_box: str = "proposal",
+        num_attributes: int = 0,
+        attr_embed_dim: int = 256,
+        attr_hidden_dim: int = 512,
+        attr_loss_weight: float = 1.0,
+        max_attributes: int = 16,
         **kwargs,
     ):
         """
         Args:
-            selection: "detections" (detectron2's post-processing) or "regions" (one region
-                per proposal, bottom-up-attention style; see :func:`select_regions`).
-            class_probs: add ``class_probs`` in "detections" mode ("regions" always does).
-            conf_thresh, min_boxes, max_boxes, region_box: "regions" mode settings.
+            selection: "detections" (detectron2's post-processing), "regions" (one region
+                per proposal, bottom-up-attention style; see :func:`select_regions`) or
+                "butd" (generate_tsv.py's selection; see :func:`select_butd`).
+            class_probs: add ``class_probs`` in "detections" mode (the others always do).
+            conf_thresh, min_boxes, max_boxes: "regions" and "butd" mode settings.
+            region_box: "regions" mode setting.
+            num_attributes: A, the number of real attributes; 0: no attribute head.
+            attr_embed_dim, attr_hidden_dim: sizes E and H of the attribute head.
+            attr_loss_weight: weight of ``loss_attr``.
+            max_attributes: columns of ``gt_attributes`` (for images without annotations).
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
         self.selection = selection
-        self.class_probs = class_probs or selection == "regions"
+        self.class_probs = class_probs or selection != "detections"
         self.conf_thresh = conf_thresh
         self.min_boxes = min_boxes
         self.max_boxes = max_boxes
         self.region_box = region_box
+        self._output_shapes = None
+        self.attribute_on = num_attributes > 0
+        if self.attribute_on:
+            feature_dim = self.cls_score.in_features
+            self.cls_embedding = nn.Embedding(self.num_classes + 1, attr_embed_dim)
+            self.fc_attr = nn.Linear(feature_dim + attr_embed_dim, attr_hidden_dim)
+            self.attr_score = nn.Linear(attr_hidden_dim, num_attributes + 1)
+            nn.init.normal_(self.attr_score.weight, std=0.01)
+            nn.init.constant_(self.attr_score.bias, 0)
+            self.attr_loss_weight = attr_loss_weight
+            self.max_attributes = max_attributes
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -108,6 +141,15 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             max_boxes=node.MAX_BOXES,
             region_box=node.BOX,
         )
+        attributes = attribute_head_node(cfg)
+        if attributes is not None:
+            ret.update(
+                num_attributes=attributes.NUM_ATTRIBUTES,
+                attr_embed_dim=attributes.EMBED_DIM,
+                attr_hidden_dim=attributes.HIDDEN_DIM,
+                attr_loss_weight=attributes.LOSS_WEIGHT,
+                max_attributes=attributes.MAX_ATTRIBUTES_PER_INSTANCE,
+            )
         return ret
 
     def forward(self, x):
@@ -117,10 +159,39 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
 
         Returns:
             RegionPredictions: (scores (R, K+1), proposal_deltas (R, K*4 or 4)) with
-            ``features`` (R, D'), ``x`` flattened.
+            ``features`` (R, D'), ``x`` flattened, and ``attr_logits`` (R, A+1) at inference
+            with the attribute head on (classes: argmax of ``scores``).
         """
         scores, proposal_deltas = super().forward(x)
-        return RegionPredictions(scores, proposal_deltas, torch.flatten(x, start_dim=1))
+        features = torch.flatten(x, start_dim=1)
+        attr_logits = None
+        if self.attribute_on and not self.training:
+            attr_logits = attribute_logits(self, features, scores.argmax(dim=1))
+        return RegionPredictions(scores, proposal_deltas, features, attr_logits)
+
+    def losses(self, predictions: RegionPredictions, proposals: List[Instances]):
+        """
+        :meth:`FastRCNNOutputLayers.losses`, plus ``loss_attr`` with the attribute head on:
+        :func:`attribute_loss` over the foreground proposals that have ground-truth
+        attributes, their class embedding taken at their ground-truth class.
+        """
+        losses = super().losses(predictions, proposals)
+        if self.attribute_on:
+            gt_classes = torch.cat([p.gt_classes for p in proposals], dim=0)
+            gt_attributes = gt_attribute_rows(proposals, self.max_attributes)
+            rows = (gt_classes < self.num_classes) & (gt_classes >= 0)
+            rows &= (gt_attributes >= 0).any(dim=1)
+            logits = attribute_logits(self, predictions.features[rows], gt_classes[rows])
+            losses["loss_attr"] = self.attr_loss_weight * attribute_loss(
+                logits, gt_attributes[rows]
+            )
+        return losses
+
+    def predict_attr_probs(self, predictions: RegionPredictions) -> Optional[torch.Tensor]:
+        """(R, A+1) attribute probabilities ("no attribute" last), or None without the head."""
+        if predictions.attr_logits is None:
+            return None
+        return F.softmax(predictions.attr_logits, dim=-1)
 
     def inference(self, predictions: RegionPredictions, proposals: List[Instances]):
         """
@@ -130,9 +201,24 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         boxes = self.predict_boxes(predictions, proposals)
         probs = self.predict_probs(predictions, proposals)
-        return self.select(boxes, probs, predictions.features, proposals)
+        return self.select(
+            boxes, probs, predictions.features, proposals, self.predict_attr_probs(predictions)
+        )
 
-    def select(self, boxes, probs, features, proposals):
+    @contextlib.contextmanager
+    def output_shapes(self, shapes: Sequence[Tuple[int, int]]):
+        """
+        Within this context, the images' original (height, width), in order, which "butd"
+        selection needs (its NMS runs in original image pixels); set by
+        :class:`d2_regionfeat.meta_arch.RegionFeatureRCNN`.
+        """
+        self._output_shapes = list(shapes)
+        try:
+            yield
+        finally:
+            self._output_shapes = None
+
+    def select(self, boxes, probs, features, proposals, attr_probs=None):
         """
         Select the output regions of every image and attach their features.
 
@@ -141,14 +227,30 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             probs (list[Tensor]): per image (Ri, K+1) class probabilities.
             features (Tensor): (sum Ri, D) one feature per proposal, images in order.
             proposals (list[Instances]): per image, with ``proposal_boxes``.
+            attr_probs (Tensor or None): (sum Ri, A+1) attribute probabilities.
 
         Returns:
             list[Instances], list[Tensor]: as :meth:`inference`.
         """
-        features = features.split([len(p) for p in proposals])
+        sizes = [len(p) for p in proposals]
+        features = features.split(sizes)
+        attr_probs = attr_probs.split(sizes) if attr_probs is not None else [None] * len(sizes)
+        if self.selection == "butd" and self._output_shapes is None:
+            raise RuntimeError(
+                'MODEL.REGION_FEATURES.SELECTION "butd" needs the original image sizes: use '
+                'MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'
+            )
         results, kept_per_image = [], []
-        for boxes_i, probs_i, features_i, proposals_i in zip(boxes, probs, features, proposals):
-            if self.selection == "regions":
+        for i, (boxes_i, probs_i, features_i, proposals_i, attr_probs_i) in enumerate(
+            zip(boxes, probs, features, proposals, attr_probs)
+        ):
+            if self.selection == "butd":
+                result, kept = select_butd(
+                    probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
+                    self._output_shapes[i], self.conf_thresh, self.min_boxes, self.max_boxes,
+                    self.test_nms_thresh,
+                )
+            elif self.selection == "regions":
                 result, kept = select_regions(
                     boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
                     self.test_nms_thresh, self.conf_thresh, self.min_boxes, self.max_boxes,
@@ -163,6 +265,9 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             result.proposal_index = kept
             if self.class_probs:
                 result.class_probs = probs_i[kept]
+            if attr_probs_i is not None:
+                for name, value in attribute_fields(attr_probs_i[kept]).items():
+                    result.set(name, value)
             results.append(result)
             kept_per_image.append(kept)
         return results, kept_per_image

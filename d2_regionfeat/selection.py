@@ -119,3 +119,91 @@ def select_regions(
     result.scores = scores[kept]
     result.pred_classes = classes[kept]
     return result, kept
+
+
+def legacy_iou(boxes):
+    """
+    (R, R) IoU of x1y1x2y2 ``boxes`` as py-faster-rcnn's NMS computes it: widths, heights
+    and intersections count pixels (``x2 - x1 + 1``), ``inter / (area_i + area_j - inter)``.
+    """
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    widths = (torch.min(x2[:, None], x2[None]) - torch.max(x1[:, None], x1[None]) + 1).clamp(min=0)
+    heights = (torch.min(y2[:, None], y2[None]) - torch.max(y1[:, None], y1[None]) + 1).clamp(min=0)
+    inter = widths * heights
+    return inter / (areas[:, None] + areas[None] - inter)
+
+
+def per_class_nms_max_conf(boxes, fg_probs, nms_thresh):
+    """
+    For every box, the highest probability of a class for which it survives NMS: per class,
+    greedy NMS over all ``boxes`` in descending order of that class's probability (ties:
+    lower row first), a box suppressed when its :func:`legacy_iou` with a kept box is
+    >= ``nms_thresh``. All classes advance together, one rank per step.
+
+    Args:
+        boxes: (R, 4) boxes, the same for every class.
+        fg_probs: (R, C) class probabilities.
+
+    Returns:
+        (R,) tensor: max over the classes that keep the box of its probability, 0 if none.
+    """
+    num_boxes, num_classes = fg_probs.shape
+    if num_boxes == 0:
+        return fg_probs.new_zeros(0)
+    # float32 IoU against the threshold in double precision, as the C code compares them.
+    overlaps = legacy_iou(boxes).double() >= nms_thresh  # (R, R), diagonal True
+    order = torch.sort(fg_probs.t(), dim=1, descending=True, stable=True).indices  # (C, R)
+    kept = torch.zeros(num_classes, num_boxes, dtype=torch.bool, device=boxes.device)
+    class_index = torch.arange(num_classes, device=boxes.device)
+    for rank in range(num_boxes):
+        candidates = order[:, rank]
+        suppressed = (overlaps[candidates] & kept).any(dim=1)
+        kept[class_index, candidates] = ~suppressed
+    return (fg_probs.t() * kept).max(dim=0).values.clamp(min=0)
+
+
+def select_butd(probs, proposal_boxes, image_shape, output_shape, conf_thresh, min_boxes,
+                max_boxes, nms_thresh):
+    """
+    The selection of bottom-up-attention's ``tools/generate_tsv.py``, to the row:
+
+    1. ``max_conf``: :func:`per_class_nms_max_conf` over the proposal boxes in original
+       image pixels (as :func:`detector_postprocess` reports them), every foreground class;
+    2. rows with ``max_conf >= conf_thresh``, in proposal order; if fewer than ``min_boxes``,
+       the ``min_boxes`` highest instead, if more than ``max_boxes`` the ``max_boxes``
+       highest, in descending ``max_conf`` (ties: later row first, as numpy's
+       ``argsort(max_conf)[::-1]`` with a stable sort); rows with non-finite
+       probabilities take no part;
+    3. per kept row: the proposal box, the most probable foreground class and its
+       probability (the LXMERT variant's ``objects_id`` / ``objects_conf``).
+
+    Args:
+        probs: (R, K+1) class probabilities, background last.
+        proposal_boxes (Boxes): the R proposals in network-input coordinates.
+        image_shape: (h, w) of the network input; output_shape: (h, w) of the original.
+
+    Returns:
+        Instances with ``pred_boxes`` (input coordinates), ``scores``, ``pred_classes``;
+        and kept (M,).
+    """
+    valid = torch.isfinite(probs).all(dim=1)
+    rows = valid.nonzero()[:, 0]
+    scale_x = output_shape[1] / image_shape[1]
+    scale_y = output_shape[0] / image_shape[0]
+    original = Boxes(proposal_boxes.tensor[rows].clone())
+    original.scale(scale_x, scale_y)
+    original.clip(output_shape)
+    max_conf = per_class_nms_max_conf(original.tensor, probs[rows, :-1], nms_thresh)
+
+    confident = (max_conf.double() >= conf_thresh).nonzero()[:, 0]
+    if not min_boxes <= len(confident) <= max_boxes:
+        count = min_boxes if len(confident) < min_boxes else max_boxes
+        ascending = torch.sort(max_conf, stable=True).indices
+        confident = ascending.flip(0)[:count]
+    kept = rows[confident]
+
+    result = Instances(image_shape)
+    result.pred_boxes = Boxes(proposal_boxes.tensor[kept])
+    result.scores, result.pred_classes = probs[kept, :-1].max(dim=1)
+    return result, kept
