@@ -5,9 +5,13 @@ Feature heads, and write what it finds:
 
 * ``<output>/<image name>.npz`` per image: ``x`` (N, D) float32 region features, ``bbox``
   (N, 4) x1y1x2y2 in original image pixels, ``num_bbox``, ``image_h``, ``image_w``,
-  ``objects_id`` (N,) classes, ``objects_conf`` (N,) scores, ``cls_prob`` (N, K+1);
-* ``<output>/overview.png``: each image with its boxes, class names and scores, beside a
-  2-D PCA projection of all regions' features coloured by class.
+  ``objects_id`` (N,) classes, ``objects_conf`` (N,) scores, ``cls_prob`` (N, K+1), and
+  for a model with the attribute head ``attrs_id`` (N,) most probable attributes,
+  ``attrs_conf`` (N,) their probabilities, ``attr_prob`` (N, A+1) ("no attribute" last),
+  the keys of d2_regionfeat's per-image record;
+* ``<output>/overview.png``: each image with its boxes, class names, attributes and scores
+  ("large red star 0.97"), beside a 2-D PCA projection of all regions' features coloured by
+  class.
 
     python tools/demo.py                       # demo/images -> demo_out
     python tools/demo.py --images my_pics --output out MODEL.REGION_FEATURES.SOURCE pooled
@@ -22,7 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from d2_regionfeat.data.synthetic import CLASS_COLORS, CLASSES  # noqa: E402
+from d2_regionfeat.data.synthetic import (  # noqa: E402
+    ATTRIBUTE_GROUPS,
+    ATTRIBUTES,
+    CLASS_COLORS,
+    CLASSES,
+)
 from d2_regionfeat.default_model import get_default_model_cfg  # noqa: E402
 
 from detectron2.data.detection_utils import read_image  # noqa: E402
@@ -30,6 +39,8 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The attribute groups in the order their names go before the class name ("large red star").
+LABEL_GROUPS = ("size", "colour")
 
 
 def parse_args():
@@ -39,6 +50,8 @@ def parse_args():
     parser.add_argument("--output", default="demo_out", help="folder for the .npz files and overview.png")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the detections kept")
+    parser.add_argument("--attribute-threshold", type=float, default=0.2,
+                        help="minimum probability of the attributes shown (the best of each group)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides, KEY VALUE pairs")
     return parser.parse_args()
@@ -69,7 +82,25 @@ def regions_of(predictor, path):
         "objects_conf": instances.scores.numpy().astype(np.float32),
         "cls_prob": instances.class_probs.numpy().astype(np.float32),
     }
+    if instances.has("attr_probs"):
+        regions["attrs_id"] = instances.attrs_id.numpy().astype(np.int64)
+        regions["attrs_conf"] = instances.attrs_conf.numpy().astype(np.float32)
+        regions["attr_prob"] = instances.attr_probs.numpy().astype(np.float32)
     return image[:, :, ::-1], regions
+
+
+def attribute_words(attr_prob, threshold):
+    """
+    The attribute names of one region for its label: of each group of ``LABEL_GROUPS``, the
+    most probable attribute if its probability (``attr_prob`` (A+1,)) is at least ``threshold``.
+    """
+    words = []
+    for group in LABEL_GROUPS:
+        ids = [ATTRIBUTES.index(name) for name in ATTRIBUTE_GROUPS[group]]
+        best = ids[int(np.argmax(attr_prob[ids]))]
+        if attr_prob[best] >= threshold:
+            words.append(ATTRIBUTES[best])
+    return words
 
 
 def pca_2d(features):
@@ -83,8 +114,11 @@ def class_color(class_id):
     return np.array(CLASS_COLORS[class_id]) / 255.0
 
 
-def draw_overview(images, regions, names, output_file):
-    """Images with their boxes in a grid, and the PCA of all region features beside them."""
+def draw_overview(images, regions, names, output_file, attribute_threshold):
+    """
+    Images with their boxes in a grid, and the PCA of all region features beside them; the
+    boxes' labels name the attributes of at least ``attribute_threshold`` when there are any.
+    """
     columns = min(3, len(images))
     rows = -(-len(images) // columns)
     fig = plt.figure(figsize=(4 * columns + 6, 4 * rows))
@@ -92,10 +126,16 @@ def draw_overview(images, regions, names, output_file):
     for i, (image, r, name) in enumerate(zip(images, regions, names)):
         ax = fig.add_subplot(grid[i // columns, i % columns])
         ax.imshow(image)
-        for (x1, y1, x2, y2), c, s in zip(r["bbox"], r["objects_id"], r["objects_conf"]):
+        for i, ((x1, y1, x2, y2), c, s) in enumerate(
+            zip(r["bbox"], r["objects_id"], r["objects_conf"])
+        ):
             color = class_color(c)
+            words = (
+                attribute_words(r["attr_prob"][i], attribute_threshold) if "attr_prob" in r else []
+            )
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, lw=2))
-            ax.text(x1, y1, f"{CLASSES[c]} {s:.2f}", fontsize=7, color="white", va="bottom",
+            ax.text(x1, y1, " ".join([*words, CLASSES[c], f"{s:.2f}"]), fontsize=7, color="white",
+                    va="bottom",
                     bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
         ax.set_title(f"{name}: {int(r['num_bbox'])} regions", fontsize=9)
         ax.axis("off")
@@ -135,7 +175,7 @@ def main():
         regions.append(r)
         names.append(name)
     overview = os.path.join(args.output, "overview.png")
-    draw_overview(images, regions, names, overview)
+    draw_overview(images, regions, names, overview, args.attribute_threshold)
     print(f"\nWrote {len(names)} feature files (.npz) to {os.path.abspath(args.output)}/")
     print(f"Wrote the overview (detections and PCA of the features) to {os.path.abspath(overview)}")
 

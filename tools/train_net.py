@@ -10,25 +10,42 @@ registered with their images under ``$D2_REGIONFEAT_DATASETS`` (default
     python tools/train_net.py --config-file configs/synthetic/shapes_mask_rcnn.yaml
     python tools/train_net.py --config-file configs/synthetic/shapes_mask_rcnn.yaml \\
         --eval-only MODEL.WEIGHTS d2_regionfeat/model/shapes_mask_rcnn.pth
+
+With ``MODEL.ATTRIBUTE_ON``, training reads the annotations' ``attribute_ids``
+(AttributeDatasetMapper) and evaluation also reports the attribute accuracy on the
+ground-truth boxes (d2_regionfeat.evaluation.AttributeEvaluator).
 """
 import os
 
 import d2_regionfeat  # noqa: F401  (registers the heads, backbone and config node)
+from d2_regionfeat.attributes import AttributeDatasetMapper
 from d2_regionfeat.data import register_synthetic_shapes
+from d2_regionfeat.evaluation import AttributeEvaluator
 
 import detectron2.engine.defaults
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 from detectron2.utils.collect_env import collect_env_info
 
 DATASETS_ROOT = os.getenv("D2_REGIONFEAT_DATASETS", "~/.cache/d2_regionfeat/datasets")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer evaluating with COCOEvaluator (boxes, and masks for mask models)."""
+    """
+    DefaultTrainer evaluating with COCOEvaluator (boxes, and masks for mask models); with
+    ``MODEL.ATTRIBUTE_ON``, training on the annotations' attributes too and evaluating the
+    attribute accuracy beside COCO's metrics.
+    """
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if not cfg.MODEL.ATTRIBUTE_ON:
+            return super().build_train_loader(cfg)
+        return build_detection_train_loader(cfg, mapper=AttributeDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -36,6 +53,19 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         # pycocotools' own evaluation: the fast one needs detectron2's compiled extension.
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        # AttributeEvaluator runs the model itself (on the ground-truth boxes), so it is made
+        # here, where the model is known, rather than in build_evaluator.
+        if evaluators is None and cfg.MODEL.ATTRIBUTE_ON:
+            evaluators = [
+                DatasetEvaluators(
+                    [cls.build_evaluator(cfg, name), AttributeEvaluator(name, model)]
+                )
+                for name in cfg.DATASETS.TEST
+            ]
+        return super().test(cfg, model, evaluators)
 
 
 def _env_info():

@@ -4,13 +4,17 @@ A synthetic instance-segmentation dataset: coloured shapes on textured backgroun
 Every image holds a few circles, squares, triangles, stars and crosses of varied sizes,
 rotations and colours, some overlapping, on a background made of gradients, stripes,
 checkers and blotches. Annotations are exact: each object's mask is its visible pixels
-(COCO RLE), its box the extent of that mask. An image depends only on (seed, split, index),
-so a split is the same on every machine; it is written once (PNG files and an annotation
-JSON) under a folder the caller chooses and read back from there afterwards.
+(COCO RLE), its box the extent of that mask, its attributes (:data:`ATTRIBUTES`) the name of
+the colour it is drawn in and its size, where these are clear (so that they can be checked by
+eye: no name for greyish or brownish colours, no size for middle-sized shapes). An image
+depends only on (seed, split, index), so a split is the same on every machine; it is written
+once (PNG files and an annotation JSON) under a folder the caller chooses and read back from
+there afterwards.
 """
+import colorsys
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -21,11 +25,27 @@ from detectron2.structures import BoxMode
 
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 CLASS_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+# Attributes, grouped; each object has at most one of each group: a colour name when its
+# colour is clearly one (dark, or saturated and bright enough to be named by its hue) and a
+# size when it is clearly small or large. ``attribute_ids`` index ATTRIBUTES, the groups' names
+# one after the other.
+ATTRIBUTE_GROUPS = {
+    "colour": ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "black"),
+    "size": ("small", "large"),
+}
+ATTRIBUTES = tuple(name for names in ATTRIBUTE_GROUPS.values() for name in names)
+# Colour names of the hues (degrees, HSV): (name, upper end of its sector); red wraps around.
+HUE_SECTORS = (("red", 12), ("orange", 42), ("yellow", 70), ("green", 160), ("cyan", 195),
+               ("blue", 255), ("purple", 285), ("pink", 335), ("red", 360))
+BLACK_VALUE = 0.3  # HSV value below which a colour is black
+HUE_MIN_SATURATION, HUE_MIN_VALUE = 0.35, 0.6  # HSV: a colour is named by its hue from these
+SMALL_RADIUS, LARGE_RADIUS = 22, 36  # circumradius (pixels): below SMALL small, from LARGE large
 # split -> (index mixed into the seed, number of images)
 SPLITS = {"train": (0, 2000), "val": (1, 100)}
 DATASET_PREFIX = "synthetic_shapes"
-# Bump when the drawing changes, so that cached splits are made anew.
-VERSION = 1
+# Bump when the drawing or the annotations change, so that cached splits are made anew.
+# (2: attributes added; the images and other annotations are those of 1.)
+VERSION = 2
 
 IMAGE_SIZE_RANGE = (240, 320)
 OBJECTS_RANGE = (2, 6)
@@ -62,6 +82,31 @@ def _shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> L
         raise ValueError(f"Unknown shape {name!r}; expected one of {', '.join(CLASSES)}")
     t = t + angle
     return list(zip(cx + radii * np.cos(t), cy + radii * np.sin(t)))
+
+
+def color_name(rgb) -> Optional[str]:
+    """
+    The name (in ``ATTRIBUTE_GROUPS["colour"]``) of an RGB colour with channels in [0, 255]:
+    black when dark, else the name of its hue when saturated and bright enough, else None
+    (greyish, brownish and olive colours have no name).
+    """
+    hue, saturation, value = colorsys.rgb_to_hsv(*(np.asarray(rgb, dtype=float) / 255))
+    if value < BLACK_VALUE:
+        return "black"
+    if saturation < HUE_MIN_SATURATION or value < HUE_MIN_VALUE:
+        return None
+    return next(name for name, end in HUE_SECTORS if hue * 360 < end)
+
+
+def attribute_ids(rgb, radius: float) -> List[int]:
+    """Indices into :data:`ATTRIBUTES` of a shape drawn in colour ``rgb`` with ``radius``."""
+    color = color_name(rgb)
+    ids = [] if color is None else [ATTRIBUTES.index(color)]
+    if radius < SMALL_RADIUS:
+        ids.append(ATTRIBUTES.index("small"))
+    elif radius >= LARGE_RADIUS:
+        ids.append(ATTRIBUTES.index("large"))
+    return ids
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -103,7 +148,10 @@ def render_image(seed, height: int = None, width: int = None):
         image (ndarray): (H, W, 3) uint8, RGB.
         annotations (list[dict]): per object, back to front: ``category_id`` (index into
             :data:`CLASSES`), ``mask`` ((H, W) bool, its visible pixels) and ``bbox``
-            (x0, y0, x1, y1) in pixels, the extent of ``mask`` (x1, y1 exclusive).
+            (x0, y0, x1, y1) in pixels, the extent of ``mask`` (x1, y1 exclusive),
+            ``color`` (RGB in [0, 255] it is drawn in, before a horizontal shading of at most
+            10%), ``radius`` (its circumradius in pixels) and ``attribute_ids`` (indices into
+            :data:`ATTRIBUTES` of its colour name and size, see :func:`attribute_ids`).
     """
     for name, size in (("height", height), ("width", width)):
         if size is not None and size < 2 * RADIUS_RANGE[1]:
@@ -112,7 +160,7 @@ def render_image(seed, height: int = None, width: int = None):
     height = height or int(rng.integers(IMAGE_SIZE_RANGE[0], IMAGE_SIZE_RANGE[1] + 1))
     width = width or int(rng.integers(IMAGE_SIZE_RANGE[0], IMAGE_SIZE_RANGE[1] + 1))
     image = _background(rng, height, width)
-    areas, categories = [], []
+    areas, categories, colors, radii = [], [], [], []
     visible = np.zeros((0, height, width), dtype=bool)
     for _ in range(int(rng.integers(OBJECTS_RANGE[0], OBJECTS_RANGE[1] + 1))):
         for _attempt in range(20):
@@ -139,11 +187,22 @@ def render_image(seed, height: int = None, width: int = None):
         visible = np.concatenate([still_visible, mask[None]])
         areas.append(mask.sum())
         categories.append(category)
+        colors.append(color)
+        radii.append(r)
     annotations = []
-    for category, mask in zip(categories, visible):
+    for category, mask, color, r in zip(categories, visible, colors, radii):
         ys, xs = np.nonzero(mask)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        annotations.append({"category_id": category, "mask": mask, "bbox": bbox})
+        annotations.append(
+            {
+                "category_id": category,
+                "mask": mask,
+                "bbox": bbox,
+                "color": tuple(float(c) for c in color),
+                "radius": float(r),
+                "attribute_ids": attribute_ids(color, r),
+            }
+        )
     return image.round().astype(np.uint8), annotations
 
 
@@ -167,6 +226,7 @@ def _to_record(file_name: str, image_id: int, image: np.ndarray, annotations: Li
                 "bbox_mode": BoxMode.XYWH_ABS,
                 "segmentation": rle,
                 "category_id": ann["category_id"],
+                "attribute_ids": ann["attribute_ids"],
                 "iscrowd": 0,
             }
         )
@@ -193,7 +253,8 @@ def load_synthetic_shapes(root: str, split: str, num_images: int = None, seed: i
 
     Returns:
         list[dict]: in detectron2's standard dataset format; ``segmentation`` is COCO RLE,
-        so train with ``INPUT.MASK_FORMAT: "bitmask"``.
+        so train with ``INPUT.MASK_FORMAT: "bitmask"``; each annotation also has
+        ``attribute_ids`` (list of indices into :data:`ATTRIBUTES`).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -229,7 +290,8 @@ def _with_folder(records: List[Dict], folder: str) -> List[Dict]:
 def register_synthetic_shapes(root: str, seed: int = 0, prefix: str = DATASET_PREFIX):
     """
     Register ``<prefix>_train`` and ``<prefix>_val`` in DatasetCatalog (made lazily, under
-    ``root``) and their class names and colours in MetadataCatalog.
+    ``root``) and their class names and colours, attribute names (``attribute_classes``) and
+    attribute groups (``attribute_groups``: group name -> attribute names) in MetadataCatalog.
 
     Returns:
         list[str]: the registered dataset names.
@@ -243,6 +305,8 @@ def register_synthetic_shapes(root: str, seed: int = 0, prefix: str = DATASET_PR
         MetadataCatalog.get(name).set(
             thing_classes=list(CLASSES),
             thing_colors=list(CLASS_COLORS),
+            attribute_classes=list(ATTRIBUTES),
+            attribute_groups={group: list(names) for group, names in ATTRIBUTE_GROUPS.items()},
             evaluator_type="coco",
         )
         names.append(name)
