@@ -61,6 +61,7 @@ class ExtractionJob:
     batch_size: int = 4
     num_workers: int = 2
     fp16: bool = False
+    amp: bool = False
     # The output folder already holds the finished run.
     complete: bool = False
 
@@ -134,6 +135,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "formats": formats,
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
+        "amp": bool(options.get("amp", False)),
         "world_size": world_size,
         "input": source,
         "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
@@ -150,13 +152,20 @@ class BatchExtractor:
     Runs a region-feature model over decoded images as :class:`DefaultPredictor` does one at
     a time: the images of a batch are grouped by their padded size, so that each one's
     detections are those it gets alone (a batch padded to a larger size would add anchors).
+
+    With ``amp``, the model's forward runs under ``torch.autocast`` (bfloat16 on CPU, float16
+    on CUDA); the records are float32 (float16 features with ``fp16``) either way.
     """
 
-    def __init__(self, cfg, fp16=False):
+    def __init__(self, cfg, fp16=False, amp=False):
         self.model = build_model(cfg).eval()
         DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.divisibility = max(1, self.model.backbone.size_divisibility)
         self.fp16 = fp16
+        device = self.model.device.type
+        self.autocast = torch.autocast(
+            device, dtype=torch.bfloat16 if device == "cpu" else torch.float16, enabled=amp
+        )
 
     def _padded_size(self, image):
         d = self.divisibility
@@ -177,7 +186,9 @@ class BatchExtractor:
         records = [None] * len(inputs)
         for indices in groups.values():
             batch = [{k: inputs[i][k] for k in ("image", "height", "width")} for i in indices]
-            for i, output in zip(indices, self.model(batch)):
+            with self.autocast:
+                outputs = self.model(batch)
+            for i, output in zip(indices, outputs):
                 records[i] = self._record(inputs[i], output["instances"].to("cpu"))
         return records
 
@@ -187,14 +198,21 @@ class BatchExtractor:
             "image_h": x["height"],
             "image_w": x["width"],
             "num_bbox": len(instances),
-            "x": instances.box_features.numpy().astype(np.float16 if self.fp16 else np.float32),
-            "bbox": instances.pred_boxes.tensor.numpy().astype(np.float32),
-            "objects_id": instances.pred_classes.numpy().astype(np.int64),
-            "objects_conf": instances.scores.numpy().astype(np.float32),
+            "x": _numpy(instances.box_features, np.float16 if self.fp16 else np.float32),
+            "bbox": _numpy(instances.pred_boxes.tensor, np.float32),
+            "objects_id": _numpy(instances.pred_classes, np.int64),
+            "objects_conf": _numpy(instances.scores, np.float32),
         }
         if instances.has("class_probs"):
-            record["cls_prob"] = instances.class_probs.numpy().astype(np.float32)
+            record["cls_prob"] = _numpy(instances.class_probs, np.float32)
         return record
+
+
+def _numpy(tensor, dtype):
+    """A CPU tensor as an ndarray of ``dtype`` (bfloat16, which numpy lacks, via float32)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy().astype(dtype)
 
 
 def _as_list(batch):
@@ -245,7 +263,7 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
     todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
     stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
     if todo:
-        extractor = BatchExtractor(job.cfg, job.fp16)
+        extractor = BatchExtractor(job.cfg, job.fp16, job.amp)
         dataset = ImageDataset(
             job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
         )
