@@ -263,16 +263,18 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
     todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
     stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
     if todo:
-        extractor = BatchExtractor(job.cfg, job.fp16, job.amp)
         dataset = ImageDataset(
             job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
         )
-        loader = torch.utils.data.DataLoader(
+        # started first: the workers decode the first batches while the model is built
+        loader = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
-        )
+        ))
+        extractor = BatchExtractor(job.cfg, job.fp16, job.amp)
         bar = tqdm(
             total=sum(map(len, batches)), initial=stats["skipped"], unit="img", dynamic_ncols=True,
             disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",
+            mininterval=1.0,  # each redraw costs the model thread a GIL hand-over
         )
         with bar, ThreadPoolExecutor(max_workers=1) as write_thread:
             pending = deque()
