@@ -15,7 +15,7 @@ from PIL import Image
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 RESULTS = os.path.join(BENCH_DIR, "results")
-sys.path.insert(0, os.path.join(REPO, "tests"))  # random-init model helpers
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # this checkout's package; random-init model helpers
 
 
 def interleaved_medians(variants, repeats, warmup=1):
@@ -132,7 +132,7 @@ def run_child(args, threads=1, timeout=None):
 
 def report(name, rows, columns, extra=None, results=RESULTS):
     """Print ``rows`` (list of dicts) as a table and write ``results``/<name>.json."""
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    widths = {c: max([len(c)] + [len(_fmt(r[c])) for r in rows]) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in columns))
