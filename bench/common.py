@@ -83,18 +83,41 @@ def write_images(folder, count, kind="shapes"):
     return folder
 
 
+@torch.no_grad()
+def calibrate_norms(model, height=480, width=640):
+    """
+    Set the statistics of every (frozen) batch norm of a random-init ``model`` to those of its
+    input on a sample image, in one forward pass, so that activations keep a trained
+    network's scale: with the default statistics a deep random ResNet overflows (a random
+    ResNet-101 gives no finite proposal).
+    """
+    from helpers import image
+
+    def calibrate(module, args):
+        x = args[0].transpose(0, 1).flatten(1)
+        module.running_mean.copy_(x.mean(1))
+        module.running_var.copy_(x.var(1))
+
+    norms = [m for m in model.modules() if hasattr(m, "running_mean") and hasattr(m, "running_var")]
+    handles = [m.register_forward_pre_hook(calibrate) for m in norms]
+    model([{"image": image(54321, height, width)}])
+    for handle in handles:
+        handle.remove()
+    return model
+
+
 def save_model(cfg, folder, name, seed=0):
     """
     Build ``cfg`` from ``seed`` (random weights, tamed as in the tests) and save it as
     ``folder/<name>.yaml`` + ``.pth``, for tools that take a config file. Returns the yaml path.
     """
     from detectron2.checkpoint import DetectionCheckpointer
-    from helpers import build
+    from helpers import build, tame
 
     os.makedirs(folder, exist_ok=True)
     cfg = cfg.clone()
     cfg.MODEL.DEVICE = "cpu"
-    model = build(cfg, seed=seed)
+    model = tame(calibrate_norms(build(cfg, seed=seed, wild=True)))
     DetectionCheckpointer(model, save_dir=folder).save(name)
     cfg.MODEL.WEIGHTS = os.path.join(folder, name + ".pth")
     path = os.path.join(folder, name + ".yaml")
