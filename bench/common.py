@@ -84,7 +84,7 @@ def write_images(folder, count, kind="shapes"):
 
 
 @torch.no_grad()
-def calibrate_norms(model, height=480, width=640):
+def calibrate_norms(model, height=240, width=320):
     """
     Set the statistics of every (frozen) batch norm of a random-init ``model`` to those of its
     input on a sample image, in one forward pass, so that activations keep a trained
