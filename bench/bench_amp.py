@@ -106,7 +106,7 @@ def model_cfg(yaml_file, device):
 def main():
     p = parser(__doc__)
     p.add_argument("--images", type=int, default=24, help="synthetic-shapes images for the shipped model")
-    p.add_argument("--fpn-images", type=int, default=2, help="images for R50-FPN (0: skip)")
+    p.add_argument("--fpn-images", type=int, default=1, help="images for R50-FPN (0: skip)")
     p.add_argument("--fpn-size", type=int, default=800, help="R50-FPN shorter side (px)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)

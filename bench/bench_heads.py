@@ -5,7 +5,8 @@ each SOURCE / SELECTION / POOL_AT mode, the StackOverflow recipe (stages run by 
 ``box_features[pred_inds]``) and the two-pass way (predict, then re-pool the final boxes),
 interleaved; median of --repeats runs, as a ratio to the plain model. Target: <= 1.02x.
 
-    python bench/bench_heads.py [--repeats 10] [--size 512] [--depth 50] [--proposals 1000] [--device cuda]
+    python bench/bench_heads.py [--repeats 10] [--size 512] [--depth 50] [--proposals 1000] \\
+        [--detections 100] [--device cuda]
 """
 import torch
 
@@ -52,11 +53,13 @@ def main():
     p.add_argument("--size", type=int, default=512, help="shorter image side")
     p.add_argument("--depth", type=int, default=50, choices=[18, 34, 50, 101], help="ResNet depth")
     p.add_argument("--proposals", type=int, default=1000, help="RPN proposals kept per image")
+    p.add_argument("--detections", type=int, default=100, help="TEST.DETECTIONS_PER_IMAGE")
     args = p.parse_args()
 
     def model_for(feature=True, **keys):
         cfg = make_cfg("fpn", feature=feature, **keys)
         cfg.MODEL.RPN.POST_NMS_TOPK_TEST = args.proposals
+        cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
         cfg.MODEL.RESNETS.DEPTH = args.depth
         if args.depth < 50:
             cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
@@ -91,7 +94,7 @@ def main():
           f"{args.device}, median of {args.repeats} interleaved runs")
     report("heads", rows, ["variant", "median_s", "ratio_to_plain"],
            {"image_size": [height, width], "repeats": args.repeats, "device": args.device,
-            "depth": args.depth, "proposals": args.proposals}, args.results)
+            "depth": args.depth, "proposals": args.proposals, "detections": args.detections}, args.results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 Large model: a Faster R-CNN C4 ResNet-101 (FeatureRes5ROIHeads, 1600 classes, 300
-proposals, bottom-up-attention "regions" selection of 10-100 regions, random weights) at
+proposals, bottom-up-attention "regions" selection of 10-100 regions, random weights; the
+model most users run for region features, with the settings of their released features) at
 --sizes px (shorter side; longer side at most 5/3 of it) on 480 x 640 images.
 
 1. Throughput: ``tools/extract_net.py`` against the user loop, as ``bench_extract.py``
@@ -39,14 +40,16 @@ STAGES = {
 }
 
 
-def c4_r101(size):
+def c4_resnet(size, depth=101, classes=1600, proposals=300):
+    """Faster R-CNN C4 with Feature heads and BUTD-style regions at shorter side ``size``."""
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_101_C4_3x.yaml"))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.ROI_HEADS.NAME = "FeatureRes5ROIHeads"
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1600
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 300
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = classes
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = proposals
     cfg.MODEL.REGION_FEATURES.SELECTION = "regions"
     cfg.MODEL.REGION_FEATURES.MIN_BOXES, cfg.MODEL.REGION_FEATURES.MAX_BOXES = 10, 100
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = size, size * 5 // 3
@@ -131,6 +134,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--formats", default="npz", help="extract_net --format")
+    p.add_argument("--depth", type=int, default=101, choices=[50, 101, 152], help="ResNet depth")
+    p.add_argument("--classes", type=int, default=1600)
+    p.add_argument("--proposals", type=int, default=300, help="RPN proposals kept per image")
     p.add_argument("--work", help="folder for images, models and outputs (default: a temporary one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,26 +145,28 @@ def main():
         photos = write_images(os.path.join(work, "photo"), max(args.images, args.profile_images), "photo")
         weights = None
         for size in map(int, args.sizes.split(",")):
-            cfg = c4_r101(size)
+            cfg = c4_resnet(size, args.depth, args.classes, args.proposals)
             if weights is None:  # the same weights at every size
-                weights = model_cfg(save_model(cfg, work, "r101_c4"), "cpu").MODEL.WEIGHTS
+                weights = model_cfg(save_model(cfg, work, "c4"), "cpu").MODEL.WEIGHTS
             cfg.MODEL.WEIGHTS = weights
-            config = os.path.join(work, f"r101_c4_{size}.yaml")
+            config = os.path.join(work, f"c4_{size}.yaml")
             with open(config, "w") as f:
                 f.write(cfg.dump())
-            name = f"R101-C4 {size}px"
+            name = f"R{args.depth}-C4 {size}px"
             if args.images:
                 throughput.append(compare(name, config, photos, args.images, args, work))
             cfg.MODEL.DEVICE = args.device
             for row in breakdown(cfg, photos, args, work):
                 stages.append({"model": name, **row})
             shutil.rmtree(os.path.join(work, "profiled"), ignore_errors=True)
-    print(f"C4 ResNet-101, 1600 classes, 300 proposals, {args.device}, {args.threads} thread(s)")
+    print(f"C4 ResNet-{args.depth}, {args.classes} classes, {args.proposals} proposals, {args.device}, "
+          f"{args.threads} thread(s)")
     report(
         "large", throughput,
         ["model", "images", "loop_img_s", "extract_img_s", "ratio", "loop_startup_s",
          "extract_startup_s", "loop_busy", "extract_busy", "writers_frac"],
         {"stages": stages, "device": args.device, "threads": args.threads, "repeats": args.repeats,
+         "depth": args.depth, "classes": args.classes, "proposals": args.proposals,
          "profile_images": args.profile_images},
         args.results,
     )

@@ -38,7 +38,8 @@ def run_bench(tmp_path, monkeypatch):
 
 
 def test_heads(run_bench):
-    rows = run_bench("bench_heads.py", "--repeats", 1, "--size", 128, "--depth", 18, "--proposals", 50)["heads"]["rows"]
+    rows = run_bench("bench_heads.py", "--repeats", 1, "--size", 128, "--depth", 18, "--proposals", 50,
+                    "--detections", 5)["heads"]["rows"]
     assert rows[0]["variant"] == "plain" and len(rows) == 8
 
 
@@ -50,7 +51,7 @@ def test_extract(run_bench):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_memory_and_merges_under_a_cap(run_bench):
-    result = run_bench("bench_memory.py", "--counts", "2,4", "--part-mb", 80, "--cap-mb", 64, "--slab-mb", 4)["memory"]
+    result = run_bench("bench_memory.py", "--counts", "2,4", "--part-mb", 52, "--cap-mb", 48, "--slab-mb", 4)["memory"]
     assert [r["images"] for r in result["rows"]] == [2, 4]
     cap = result["merge_under_cap"]
     assert cap["part_mb"] > cap["cap_mb"] and cap["whole_part_read"] == "MemoryError"
@@ -69,7 +70,10 @@ def test_amp(run_bench):
 
 
 def test_large(run_bench):
-    results = run_bench("bench_large.py", "--sizes", 128, "--images", 0, "--profile-images", 1)
+    results = run_bench(
+        "bench_large.py", "--sizes", 128, "--images", 0, "--profile-images", 1, "--depth", 50, "--classes", 8,
+        "--proposals", 20,
+    )
     stages = {r["stage"]: r for r in results["large_stages"]["rows"]}
     assert {"backbone", "rpn", "roi head (res5)", "box predictor", "selection", "writers", "other"} <= set(stages)
     assert stages["backbone"]["s_per_img"] > 0 and stages["selection"]["s_per_img"] > 0
