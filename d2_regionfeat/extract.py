@@ -219,6 +219,22 @@ def _as_list(batch):
     return batch
 
 
+def _read_ahead(loader, thread):
+    """
+    The batches of ``loader``, each next one received in ``thread`` while this one is used:
+    receiving a batch from a DataLoader worker waits on that process (its tensors' shared
+    memory is handed over through it), which the model need not do.
+    """
+    done = object()
+    upcoming = thread.submit(next, loader, done)
+    while True:
+        batch = upcoming.result()
+        if batch is done:
+            return
+        upcoming = thread.submit(next, loader, done)
+        yield batch
+
+
 def _new_stats(skipped):
     """A rank's counts for the summary: images, regions per image, seconds in model/writers."""
     return {"skipped": skipped, "done": 0, "failed": 0, "regions": [], "model_s": 0.0, "write_s": 0.0}
@@ -255,8 +271,9 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
     """
     Extract this rank's ``batches`` (of indices into ``job.items``) into its parts.
 
-    Images are decoded in DataLoader workers, and written in a thread (in order, at most
-    :data:`WRITE_AHEAD` batches behind the model), so that neither waits for the model.
+    Images are decoded in DataLoader workers (received one batch ahead, in a thread), and
+    written in a thread (in order, at most :data:`WRITE_AHEAD` batches behind the model), so
+    that the model waits for neither.
     """
     outputs = _RankOutputs(job)
     recorded = outputs.recorded
@@ -276,9 +293,10 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
             disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",
             mininterval=1.0,  # each redraw costs the model thread a GIL hand-over
         )
-        with bar, ThreadPoolExecutor(max_workers=1) as write_thread:
+        with bar, ThreadPoolExecutor(max_workers=1) as write_thread, \
+                ThreadPoolExecutor(max_workers=1) as read_thread:
             pending = deque()
-            for batch in loader:
+            for batch in _read_ahead(loader, read_thread):
                 batch = [x for x in batch if x["item"].image_id not in recorded]
                 failed = [x for x in batch if "error" in x]
                 start = time.perf_counter()
