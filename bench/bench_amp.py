@@ -16,11 +16,11 @@ import tempfile
 
 import numpy as np
 
+from bench_extract import fpn_800
 from common import interleaved_medians, parser, report, save_model, shipped_model, synchronize, write_images
 from d2_regionfeat.extract import BatchExtractor
 from d2_regionfeat.inputs import ImageDataset, list_inputs
 from detectron2.config import get_cfg
-from helpers import make_cfg
 
 IOU = 0.9
 
@@ -116,11 +116,7 @@ def main():
         cfg = model_cfg(shipped_model(work), args.device)
         rows = [compare("shipped", cfg, load_inputs(cfg, write_images(os.path.join(work, "shapes"), args.images)), args)]
         if args.fpn_images:
-            fpn = make_cfg("fpn")
-            fpn.MODEL.ROI_HEADS.NUM_CLASSES = 80
-            fpn.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
-            fpn.INPUT.MIN_SIZE_TEST, fpn.INPUT.MAX_SIZE_TEST = args.fpn_size, args.fpn_size * 5 // 3
-            cfg = model_cfg(save_model(fpn, work, "r50_fpn"), args.device)
+            cfg = model_cfg(save_model(fpn_800(args.fpn_size), work, "r50_fpn"), args.device)
             photos = write_images(os.path.join(work, "photo"), args.fpn_images, "photo")
             rows.append(compare(f"R50-FPN {args.fpn_size}px", cfg, load_inputs(cfg, photos), args))
     print(f"--amp vs float32, {args.device}, median of {args.repeats} interleaved passes; "

@@ -137,13 +137,14 @@ def shipped_model(folder):
     return path
 
 
-def run_child(args, threads=1, timeout=None):
+def run_child(args, threads=1, timeout=None, env=None):
     """
     Run ``python bench/<args...>`` in a fresh process with ``threads`` torch/OMP threads
-    and the last line it prints parsed as JSON; ``launched`` (its start, time.time()) is
-    passed as the first argument so that it can tell its start-up time.
+    (and the variables ``env``), and the last line it prints parsed as JSON; ``launched``
+    (its start, time.time()) is passed as the first argument so that it can tell its
+    start-up time.
     """
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     script, *rest = args
     command = [sys.executable, os.path.join(BENCH_DIR, script), repr(time.time()), *map(str, rest)]

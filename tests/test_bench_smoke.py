@@ -51,7 +51,7 @@ def test_extract(run_bench):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_memory_and_merges_under_a_cap(run_bench):
-    result = run_bench("bench_memory.py", "--counts", "2,4", "--part-mb", 52, "--cap-mb", 48, "--slab-mb", 4)["memory"]
+    result = run_bench("bench_memory.py", "--counts", "2,4", "--mmap-threshold", 0, "--part-mb", 52, "--cap-mb", 48, "--slab-mb", 4)["memory"]
     assert [r["images"] for r in result["rows"]] == [2, 4]
     cap = result["merge_under_cap"]
     assert cap["part_mb"] > cap["cap_mb"] and cap["whole_part_read"] == "MemoryError"
