@@ -150,8 +150,9 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
 class BatchExtractor:
     """
     Runs a region-feature model over decoded images as :class:`DefaultPredictor` does one at
-    a time: the images of a batch are grouped by their padded size, so that each one's
-    detections are those it gets alone (a batch padded to a larger size would add anchors).
+    a time: on CUDA the images of a batch are grouped by their padded size, so that each
+    one's detections are those it gets alone (a batch padded to a larger size would add
+    anchors); on CPU each image is run alone.
 
     With ``amp``, the model's forward runs under ``torch.autocast`` (bfloat16 on CPU, float16
     on CUDA); the records are float32 (float16 features with ``fp16``) either way.
@@ -180,11 +181,17 @@ class BatchExtractor:
         Returns:
             the records (see :mod:`d2_regionfeat.io`) of ``inputs``, in order.
         """
-        groups = defaultdict(list)
-        for index, x in enumerate(inputs):
-            groups[self._padded_size(x["image"])].append(index)
+        if self.model.device.type == "cpu":
+            # a batched forward saves nothing on CPU, and its larger activations cost
+            # 10-30 % at 800 px (bench/README.md): one image a call
+            groups = [[index] for index in range(len(inputs))]
+        else:
+            by_size = defaultdict(list)
+            for index, x in enumerate(inputs):
+                by_size[self._padded_size(x["image"])].append(index)
+            groups = list(by_size.values())
         records = [None] * len(inputs)
-        for indices in groups.values():
+        for indices in groups:
             batch = [{k: inputs[i][k] for k in ("image", "height", "width")} for i in indices]
             with self.autocast:
                 outputs = self.model(batch)
