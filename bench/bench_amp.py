@@ -27,7 +27,9 @@ IOU = 0.9
 
 def load_inputs(cfg, folder):
     """The model inputs of the images in ``folder`` (decoded and resized as extract_net does)."""
-    dataset = ImageDataset(list_inputs(folder), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    dataset = ImageDataset(
+        list_inputs(folder), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    )
     return [dataset[i] for i in range(len(dataset))]
 
 
@@ -114,7 +116,8 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         cfg = model_cfg(shipped_model(work), args.device)
-        rows = [compare("shipped", cfg, load_inputs(cfg, write_images(os.path.join(work, "shapes"), args.images)), args)]
+        shapes = write_images(os.path.join(work, "shapes"), args.images)
+        rows = [compare("shipped", cfg, load_inputs(cfg, shapes), args)]
         if args.fpn_images:
             cfg = model_cfg(save_model(fpn_800(args.fpn_size), work, "r50_fpn"), args.device)
             photos = write_images(os.path.join(work, "photo"), args.fpn_images, "photo")

@@ -171,7 +171,8 @@ def main():
         args.results,
     )
     print("where the time goes (torch profiler ranges, per image)")
-    report("large_stages", stages, ["model", "stage", "s_per_img", "fraction"], {"device": args.device}, args.results)
+    report("large_stages", stages, ["model", "stage", "s_per_img", "fraction"], {"device": args.device},
+           args.results)
 
 
 if __name__ == "__main__":

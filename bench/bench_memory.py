@@ -30,7 +30,8 @@ def peak_rss(args, work):
     images = write_images(os.path.join(work, "shapes"), max(counts))
     allocators = {"glibc default": {}}
     if args.mmap_threshold:
-        allocators[f"mmap threshold {args.mmap_threshold}"] = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
+        threshold = str(args.mmap_threshold)
+        allocators[f"mmap threshold {threshold}"] = {"MALLOC_MMAP_THRESHOLD_": threshold}
     rows = []
     for allocator, env in allocators.items():
         first = None

@@ -43,7 +43,7 @@ def bench_layout(name, maker, count, folder):
     for record in read_features(folder, name):
         expected = maker(int(record["image_id"]))
         if record["x"].shape != expected["x"].shape:
-            raise AssertionError(f"{name}: record {record['image_id']} read back with shape {record['x'].shape}")
+            raise AssertionError(f"{name}: record {record['image_id']} read back as {record['x'].shape}")
         seen += 1
     read_s = time.perf_counter() - start
     if seen != count or not np.array_equal(record["x"], expected["x"]):
@@ -72,11 +72,13 @@ def main():
             folder = os.path.join(work, name)
             rows.append(bench_layout(name, maker, args.records, folder))
             shutil.rmtree(folder)
-    print(f"writers, {args.records} records of {args.regions} x {args.dim} float32 "
-          f"({args.records * RecordMaker.payload_bytes(maker(0)) / 1e6:.0f} MB), write + merge, then read back")
+    megabytes = args.records * RecordMaker.payload_bytes(maker(0)) / 1e6
+    print(f"writers, {args.records} records of {args.regions} x {args.dim} float32 ({megabytes:.0f} MB), "
+          "write + merge, then read back")
     report(
         "writers", rows,
-        ["format", "records", "write_s", "write_MB_s", "write_rec_s", "read_s", "read_MB_s", "read_rec_s", "disk_MB"],
+        ["format", "records", "write_s", "write_MB_s", "write_rec_s", "read_s", "read_MB_s", "read_rec_s",
+         "disk_MB"],
         {"regions": args.regions, "dim": args.dim, "classes": args.classes}, args.results,
     )
 

@@ -12,7 +12,9 @@ class RecordMaker:
         rng = np.random.default_rng(seed)
         self.features = rng.standard_normal((POOL, regions, dim), dtype=np.float32)
         self.boxes = (rng.random((POOL, regions, 4), dtype=np.float32) * 500).cumsum(-1)
-        self.probs = rng.dirichlet(np.ones(classes + 1), (POOL, regions)).astype(np.float32) if classes else None
+        self.probs = None
+        if classes:
+            self.probs = rng.dirichlet(np.ones(classes + 1), (POOL, regions)).astype(np.float32)
         self.regions = regions
 
     def __call__(self, i):

@@ -44,14 +44,18 @@ def test_heads(run_bench):
 
 
 def test_extract(run_bench):
-    (row,) = run_bench("bench_extract.py", "--images", 4, "--fpn-images", 0, "--num-workers", 1)["extract"]["rows"]
+    results = run_bench("bench_extract.py", "--images", 4, "--fpn-images", 0, "--num-workers", 1)
+    (row,) = results["extract"]["rows"]
     assert row["images"] == 4 and 0 < row["extract_busy"] <= 1 and 0 < row["loop_busy"] <= 1
     assert row["runs"]["extract"][0]["images"] == 4 and row["extract_startup_s"] > 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_memory_and_merges_under_a_cap(run_bench):
-    result = run_bench("bench_memory.py", "--counts", "2,4", "--mmap-threshold", 0, "--part-mb", 52, "--cap-mb", 48, "--slab-mb", 4)["memory"]
+    result = run_bench(
+        "bench_memory.py", "--counts", "2,4", "--mmap-threshold", 0, "--part-mb", 52, "--cap-mb", 48,
+        "--slab-mb", 4,
+    )["memory"]
     assert [r["images"] for r in result["rows"]] == [2, 4]
     cap = result["merge_under_cap"]
     assert cap["part_mb"] > cap["cap_mb"] and cap["whole_part_read"] == "MemoryError"
@@ -64,7 +68,8 @@ def test_writers(run_bench):
 
 
 def test_amp(run_bench):
-    rows = run_bench("bench_amp.py", "--images", 2, "--fpn-images", 1, "--fpn-size", 128, "--repeats", 1)["amp"]["rows"]
+    args = ["--images", 2, "--fpn-images", 1, "--fpn-size", 128, "--repeats", 1]
+    rows = run_bench("bench_amp.py", *args)["amp"]["rows"]
     assert [r["model"] for r in rows] == ["shipped", "R50-FPN 128px"]
     assert rows[0]["dets_fp32"] > 0 and rows[0]["matched"] > 0.5
 
@@ -75,5 +80,6 @@ def test_large(run_bench):
         "--proposals", 20,
     )
     stages = {r["stage"]: r for r in results["large_stages"]["rows"]}
-    assert {"backbone", "rpn", "roi head (res5)", "box predictor", "selection", "writers", "other"} <= set(stages)
+    expected = {"backbone", "rpn", "roi head (res5)", "box predictor", "selection", "writers", "other"}
+    assert expected <= set(stages)
     assert stages["backbone"]["s_per_img"] > 0 and stages["selection"]["s_per_img"] > 0

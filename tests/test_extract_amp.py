@@ -29,7 +29,9 @@ def cfg():
 
 
 def test_amp_records_match_float32(cfg, images):
-    dataset = ImageDataset(list_inputs(str(images)), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    dataset = ImageDataset(
+        list_inputs(str(images)), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    )
     inputs = [dataset[i] for i in range(len(dataset))]
     reference = BatchExtractor(cfg)(inputs)
     for fp16 in (False, True):

@@ -58,7 +58,9 @@ def get_parser():
         help=f"output format, repeatable or comma-separated: {', '.join(WRITERS)} (default npz)",
     )
     parser.add_argument("--image-root", help="folder the file names of a COCO json are relative to")
-    parser.add_argument("--batch-size", type=_positive, default=4, help="images per batch (on CPU, a model call per image)")
+    parser.add_argument(
+        "--batch-size", type=_positive, default=4, help="images per batch (on CPU, a model call per image)"
+    )
     parser.add_argument("--num-workers", type=_non_negative, default=2, help="image decoding workers")
     parser.add_argument("--device", help="MODEL.DEVICE (default: the config's, cpu without CUDA)")
     parser.add_argument("--fp16", action="store_true", help="store features as float16")
