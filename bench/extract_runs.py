@@ -38,7 +38,7 @@ class ModelClock:
     """Seconds spent inside ``model``'s forward (synchronized on CUDA), from forward hooks."""
 
     def __init__(self, model):
-        self.seconds, self.calls = 0.0, 0
+        self.seconds = 0.0
         self.cuda = next(model.parameters()).is_cuda
         model.register_forward_pre_hook(self._enter)
         model.register_forward_hook(self._exit)
@@ -54,7 +54,6 @@ class ModelClock:
     def _exit(self, module, args, output):
         self._sync()
         self.seconds += time.perf_counter() - self._start
-        self.calls += 1
 
 
 class WriterClock:
