@@ -26,6 +26,17 @@ install: $(DEPS_STAMP)
 test: install
 	$(PY) -m pytest -q tests
 
+# The benchmarks (bench/README.md), at settings that take minutes on 2 cores: tables printed,
+# JSON in bench/results/. One torch thread per process: ratios stay fair on a busy machine.
+BENCH := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY)
+bench: install
+	$(BENCH) bench/bench_heads.py
+	$(BENCH) bench/bench_extract.py
+	$(BENCH) bench/bench_memory.py
+	$(BENCH) bench/bench_writers.py
+	$(BENCH) bench/bench_amp.py
+	$(BENCH) bench/bench_large.py
+
 # The shipped default model over demo/images: features (.npz) and overview.png in demo_out/.
 demo: install
 	$(PY) tools/demo.py --output demo_out

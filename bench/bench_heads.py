@@ -5,13 +5,12 @@ each SOURCE / SELECTION / POOL_AT mode, the StackOverflow recipe (stages run by 
 ``box_features[pred_inds]``) and the two-pass way (predict, then re-pool the final boxes),
 interleaved; median of --repeats runs, as a ratio to the plain model. Target: <= 1.02x.
 
-    python bench/bench_heads.py [--repeats 10] [--device cpu|cuda] [--size 512]
+    python bench/bench_heads.py [--repeats 10] [--size 512] [--depth 50] [--proposals 1000] \\
+        [--detections 100] [--device cuda]
 """
-import argparse
-
 import torch
 
-from common import interleaved_medians, report
+from common import interleaved_medians, parser, report
 from helpers import build, image, make_cfg
 
 MODES = {
@@ -49,15 +48,21 @@ def two_pass(model, batch):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=512, help="shorter image side")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--size", type=int, default=512, help="shorter image side")
+    p.add_argument("--depth", type=int, default=50, choices=[18, 34, 50, 101], help="ResNet depth")
+    p.add_argument("--proposals", type=int, default=1000, help="RPN proposals kept per image")
+    p.add_argument("--detections", type=int, default=100, help="TEST.DETECTIONS_PER_IMAGE")
+    args = p.parse_args()
 
     def model_for(feature=True, **keys):
         cfg = make_cfg("fpn", feature=feature, **keys)
-        cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+        cfg.MODEL.RPN.POST_NMS_TOPK_TEST = args.proposals
+        cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
+        cfg.MODEL.RESNETS.DEPTH = args.depth
+        if args.depth < 50:
+            cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
         cfg.MODEL.DEVICE = args.device
         return build(cfg, seed=0).to(args.device)
 
@@ -85,10 +90,11 @@ def main():
     rows = [
         {"variant": name, "median_s": t, "ratio_to_plain": t / base} for name, t in medians.items()
     ]
-    print(f"head overhead, R50-FPN Mask R-CNN, {height}x{width}, {args.device}, "
-          f"median of {args.repeats} interleaved runs")
+    print(f"head overhead, R{args.depth}-FPN Mask R-CNN, {args.proposals} proposals, {height}x{width}, "
+          f"{args.device}, median of {args.repeats} interleaved runs")
     report("heads", rows, ["variant", "median_s", "ratio_to_plain"],
-           {"image_size": [height, width], "repeats": args.repeats, "device": args.device})
+           {"image_size": [height, width], "repeats": args.repeats, "device": args.device,
+            "depth": args.depth, "proposals": args.proposals, "detections": args.detections}, args.results)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class ExtractionJob:
     batch_size: int = 4
     num_workers: int = 2
     fp16: bool = False
+    amp: bool = False
     # The output folder already holds the finished run.
     complete: bool = False
 
@@ -151,6 +152,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "fp16": bool(options.get("fp16", False)),
         "id": id_mode,
         "class_names": _class_names(cfg),
+        "amp": bool(options.get("amp", False)),
         "world_size": world_size,
         "input": source,
         "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
@@ -186,15 +188,23 @@ def _check_needs(cfg, formats):
 class BatchExtractor:
     """
     Runs a region-feature model over decoded images as :class:`DefaultPredictor` does one at
-    a time: the images of a batch are grouped by their padded size, so that each one's
-    detections are those it gets alone (a batch padded to a larger size would add anchors).
+    a time: on CUDA the images of a batch are grouped by their padded size, so that each
+    one's detections are those it gets alone (a batch padded to a larger size would add
+    anchors); on CPU each image is run alone.
+
+    With ``amp``, the model's forward runs under ``torch.autocast`` (bfloat16 on CPU, float16
+    on CUDA); the records are float32 (float16 features with ``fp16``) either way.
     """
 
-    def __init__(self, cfg, fp16=False):
+    def __init__(self, cfg, fp16=False, amp=False):
         self.model = build_model(cfg).eval()
         DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.divisibility = max(1, self.model.backbone.size_divisibility)
         self.fp16 = fp16
+        device = self.model.device.type
+        self.autocast = torch.autocast(
+            device, dtype=torch.bfloat16 if device == "cpu" else torch.float16, enabled=amp
+        )
 
     def _padded_size(self, image):
         d = self.divisibility
@@ -209,13 +219,21 @@ class BatchExtractor:
         Returns:
             the records (see :mod:`d2_regionfeat.io`) of ``inputs``, in order.
         """
-        groups = defaultdict(list)
-        for index, x in enumerate(inputs):
-            groups[self._padded_size(x["image"])].append(index)
+        if self.model.device.type == "cpu":
+            # a batched forward saves nothing on CPU, and its larger activations cost
+            # 10-30 % at 800 px (bench/README.md): one image a call
+            groups = [[index] for index in range(len(inputs))]
+        else:
+            by_size = defaultdict(list)
+            for index, x in enumerate(inputs):
+                by_size[self._padded_size(x["image"])].append(index)
+            groups = list(by_size.values())
         records = [None] * len(inputs)
-        for indices in groups.values():
+        for indices in groups:
             batch = [{k: inputs[i][k] for k in ("image", "height", "width")} for i in indices]
-            for i, output in zip(indices, self.model(batch)):
+            with self.autocast:
+                outputs = self.model(batch)
+            for i, output in zip(indices, outputs):
                 records[i] = self._record(inputs[i], output["instances"].to("cpu"))
         return records
 
@@ -225,18 +243,25 @@ class BatchExtractor:
             "image_h": x["height"],
             "image_w": x["width"],
             "num_bbox": len(instances),
-            "x": instances.box_features.numpy().astype(np.float16 if self.fp16 else np.float32),
-            "bbox": instances.pred_boxes.tensor.numpy().astype(np.float32),
-            "objects_id": instances.pred_classes.numpy().astype(np.int64),
-            "objects_conf": instances.scores.numpy().astype(np.float32),
+            "x": _numpy(instances.box_features, np.float16 if self.fp16 else np.float32),
+            "bbox": _numpy(instances.pred_boxes.tensor, np.float32),
+            "objects_id": _numpy(instances.pred_classes, np.int64),
+            "objects_conf": _numpy(instances.scores, np.float32),
         }
         if instances.has("class_probs"):
-            record["cls_prob"] = instances.class_probs.numpy().astype(np.float32)
+            record["cls_prob"] = _numpy(instances.class_probs, np.float32)
         if instances.has("attr_probs"):
-            record["attrs_id"] = instances.attrs_id.numpy().astype(np.int64)
-            record["attrs_conf"] = instances.attrs_conf.numpy().astype(np.float32)
-            record["attr_prob"] = instances.attr_probs.numpy().astype(np.float32)
+            record["attrs_id"] = _numpy(instances.attrs_id, np.int64)
+            record["attrs_conf"] = _numpy(instances.attrs_conf, np.float32)
+            record["attr_prob"] = _numpy(instances.attr_probs, np.float32)
         return record
+
+
+def _numpy(tensor, dtype):
+    """A CPU tensor as an ndarray of ``dtype`` (bfloat16, which numpy lacks, via float32)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy().astype(dtype)
 
 
 def _as_list(batch):
@@ -248,6 +273,22 @@ def _timed(function, *args):
     start = time.perf_counter()
     function(*args)
     return time.perf_counter() - start
+
+
+def _read_ahead(loader, thread):
+    """
+    The batches of ``loader``, each next one received in ``thread`` while this one is used:
+    receiving a batch from a DataLoader worker waits on that process (its tensors' shared
+    memory is handed over through it), which the model need not do.
+    """
+    done = object()
+    upcoming = thread.submit(next, loader, done)
+    while True:
+        batch = upcoming.result()
+        if batch is done:
+            return
+        upcoming = thread.submit(next, loader, done)
+        yield batch
 
 
 def _new_stats(skipped):
@@ -268,28 +309,32 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
     """
     Extract this rank's ``batches`` (of indices into ``job.items``) into its parts.
 
-    Images are decoded in DataLoader workers, and written in a thread (in order, at most
-    :data:`WRITE_AHEAD` batches behind the model), so that neither waits for the model.
+    Images are decoded in DataLoader workers (received one batch ahead, in a thread), and
+    written in a thread (in order, at most :data:`WRITE_AHEAD` batches behind the model), so
+    that the model waits for neither.
     """
     outputs = _rank_outputs(job)
     recorded = outputs.recorded
     todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
     stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
     if todo:
-        extractor = BatchExtractor(job.cfg, job.fp16)
         dataset = ImageDataset(
             job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
         )
-        loader = torch.utils.data.DataLoader(
+        # started first: the workers decode the first batches while the model is built
+        loader = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
-        )
+        ))
+        extractor = BatchExtractor(job.cfg, job.fp16, job.amp)
         bar = tqdm(
             total=sum(map(len, batches)), initial=stats["skipped"], unit="img", dynamic_ncols=True,
             disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",
+            mininterval=1.0,  # each redraw costs the model thread a GIL hand-over
         )
-        with bar, ThreadPoolExecutor(max_workers=1) as write_thread:
+        with bar, ThreadPoolExecutor(max_workers=1) as write_thread, \
+                ThreadPoolExecutor(max_workers=1) as read_thread:
             pending = deque()
-            for batch in loader:
+            for batch in _read_ahead(loader, read_thread):
                 batch = [x for x in batch if x["item"].image_id not in recorded]
                 failed = [x for x in batch if "error" in x]
                 start = time.perf_counter()

@@ -19,6 +19,7 @@ IDENTITY_KEYS = {
     "weights_sha256": "weights",
     "formats": "--format",
     "fp16": "--fp16",
+    "amp": "--amp",
     "world_size": "number of processes",
     "inputs_sha256": "inputs (--input, --limit)",
     "id": "--id",

@@ -4,7 +4,7 @@ Extract region features of a whole image set with a d2_regionfeat model.
 
     python tools/extract_net.py --config-file CFG --input SRC --output OUT \\
         [--format npz --format tsv ...] [--id stem|int] [--min-regions N] [--batch-size 4] \\
-        [--num-workers 2] [--fp16] [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
+        [--num-workers 2] [--fp16] [--amp] [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
 
 ``--input`` is a folder, a glob, a text file of paths, a COCO-format json or a registered
 detectron2 dataset (:mod:`d2_regionfeat.inputs`). ``OUT`` gets ``manifest.json``,
@@ -79,10 +79,16 @@ def get_parser():
         "(MODEL.REGION_FEATURES.MIN_REGIONS)",
     )
     parser.add_argument("--image-root", help="folder the file names of a COCO json are relative to")
-    parser.add_argument("--batch-size", type=_positive, default=4, help="images per model call")
+    parser.add_argument(
+        "--batch-size", type=_positive, default=4, help="images per batch (on CPU, a model call per image)"
+    )
     parser.add_argument("--num-workers", type=_non_negative, default=2, help="image decoding workers")
     parser.add_argument("--device", help="MODEL.DEVICE (default: the config's, cpu without CUDA)")
     parser.add_argument("--fp16", action="store_true", help="store features as float16")
+    parser.add_argument(
+        "--amp", action="store_true",
+        help="run the model under autocast (bfloat16 on CPU, float16 on CUDA); see bench/README.md",
+    )
     parser.add_argument("--limit", type=_non_negative, default=0, help="only the first N inputs")
     parser.add_argument("--strict", action="store_true", help="exit with 1 when any image failed")
     parser.add_argument(
@@ -140,7 +146,7 @@ def main(argv=None):
             cfg, args.input, args.output, formats, args.num_gpus * args.num_machines,
             resume=args.resume, image_root=args.image_root, limit=args.limit, claim=args.machine_rank == 0,
             id_mode=args.id_mode,
-            batch_size=args.batch_size, num_workers=args.num_workers, fp16=args.fp16,
+            batch_size=args.batch_size, num_workers=args.num_workers, fp16=args.fp16, amp=args.amp,
         )
     except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""
+Writers: --records records (N = --regions, D = --dim, float32) written through every layout
+of ``d2_regionfeat.writers.WRITERS`` (write, close, merge, as a 1-process extract_net run
+does), then read back with ``d2_regionfeat.io.read_features``; MB/s (of the records' arrays)
+and records/s of each, and the size on disk. The full setting is the issue's: 10 000 records,
+N = 36, D = 2048 (3 GB of features per layout, one layout on disk at a time).
+
+    python bench/bench_writers.py [--records 10000] [--regions 36] [--dim 2048]
+"""
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from common import parser, report
+from d2_regionfeat.io import read_features
+from d2_regionfeat.manifest import write_manifest
+from d2_regionfeat.writers import WRITERS
+from records import RecordMaker, write_records
+
+
+def disk_bytes(folder):
+    return sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files
+    )
+
+
+def bench_layout(name, maker, count, folder):
+    """Write ``count`` records as ``name`` into ``folder``, read them back; returns a row."""
+    start = time.perf_counter()
+    writer = WRITERS[name](folder, 0, 1)
+    write_records(writer, maker, 0, count)
+    writer.close()
+    WRITERS[name].merge(folder, 1)
+    shutil.rmtree(os.path.join(folder, "parts"), ignore_errors=True)  # as a finished run does
+    write_s = time.perf_counter() - start
+    write_manifest(folder, {"formats": [name]})
+    start = time.perf_counter()
+    seen = 0
+    for record in read_features(folder, name):
+        expected = maker(int(record["image_id"]))
+        if record["x"].shape != expected["x"].shape:
+            raise AssertionError(f"{name}: record {record['image_id']} read back as {record['x'].shape}")
+        seen += 1
+    read_s = time.perf_counter() - start
+    if seen != count or not np.array_equal(record["x"], expected["x"]):
+        raise AssertionError(f"{name}: {seen} of {count} records read back, or the last differs")
+    mb = count * RecordMaker.payload_bytes(maker(0)) / 1e6
+    return {
+        "format": name, "records": count, "write_s": write_s, "write_MB_s": mb / write_s,
+        "write_rec_s": count / write_s, "read_s": read_s, "read_MB_s": mb / read_s,
+        "read_rec_s": count / read_s, "disk_MB": disk_bytes(folder) / 1e6,
+    }
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--records", type=int, default=1000)
+    p.add_argument("--regions", type=int, default=36)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=0, help="also cls_prob (N, K+1) when K > 0")
+    p.add_argument("--formats", default=",".join(WRITERS), help="layouts (default: every registered one)")
+    p.add_argument("--work", help="folder to write in (default: a temporary one)")
+    args = p.parse_args()
+    maker = RecordMaker(args.regions, args.dim, args.classes)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        for name in args.formats.split(","):
+            folder = os.path.join(work, name)
+            rows.append(bench_layout(name, maker, args.records, folder))
+            shutil.rmtree(folder)
+    megabytes = args.records * RecordMaker.payload_bytes(maker(0)) / 1e6
+    print(f"writers, {args.records} records of {args.regions} x {args.dim} float32 ({megabytes:.0f} MB), "
+          "write + merge, then read back")
+    report(
+        "writers", rows,
+        ["format", "records", "write_s", "write_MB_s", "write_rec_s", "read_s", "read_MB_s", "read_rec_s",
+         "disk_MB"],
+        {"regions": args.regions, "dim": args.dim, "classes": args.classes}, args.results,
+    )
+
+
+if __name__ == "__main__":
+    main()

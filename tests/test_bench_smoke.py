@@ -1,0 +1,85 @@
+"""
+The benchmarks of bench/ keep working: each script runs on a tiny setting (a few images,
+one repeat) and writes its JSON; no timing is asserted. The memory benchmark's merge check
+is a real one: the TSV and HDF5 parts, larger than an address-space cap, merge under it.
+"""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2_regionfeat.writers import WRITERS
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def run_bench(tmp_path, monkeypatch):
+    """Run bench/<script> in this process with ``args``; returns the JSON it wrote, by name."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    threads = torch.get_num_threads()
+
+    def run(script, *args):
+        results = tmp_path / "results"
+        monkeypatch.setattr(sys, "argv", [str(BENCH / script), "--device", "cpu",
+                                          "--results", str(results), *map(str, args)])
+        try:
+            runpy.run_path(str(BENCH / script), run_name="__main__")
+        finally:
+            torch.set_num_threads(threads)
+        return {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
+
+    return run
+
+
+def test_heads(run_bench):
+    rows = run_bench("bench_heads.py", "--repeats", 1, "--size", 128, "--depth", 18, "--proposals", 50,
+                    "--detections", 5)["heads"]["rows"]
+    assert rows[0]["variant"] == "plain" and len(rows) == 8
+
+
+def test_extract(run_bench):
+    results = run_bench("bench_extract.py", "--images", 4, "--fpn-images", 0, "--num-workers", 1)
+    (row,) = results["extract"]["rows"]
+    assert row["images"] == 4 and 0 < row["extract_busy"] <= 1 and 0 < row["loop_busy"] <= 1
+    assert row["runs"]["extract"][0]["images"] == 4 and row["extract_startup_s"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_memory_and_merges_under_a_cap(run_bench):
+    result = run_bench(
+        "bench_memory.py", "--counts", "2,4", "--mmap-threshold", 0, "--part-mb", 52, "--cap-mb", 48,
+        "--slab-mb", 4,
+    )["memory"]
+    assert [r["images"] for r in result["rows"]] == [2, 4]
+    cap = result["merge_under_cap"]
+    assert cap["part_mb"] > cap["cap_mb"] and cap["whole_part_read"] == "MemoryError"
+    assert (cap["tsv"], cap["hdf5"], cap["read_back"]) == ("ok", "ok", True)
+
+
+def test_writers(run_bench):
+    rows = run_bench("bench_writers.py", "--records", 6, "--regions", 3, "--dim", 8)["writers"]["rows"]
+    assert [r["format"] for r in rows] == list(WRITERS) and all(r["records"] == 6 for r in rows)
+
+
+def test_amp(run_bench):
+    args = ["--images", 2, "--fpn-images", 1, "--fpn-size", 128, "--repeats", 1]
+    rows = run_bench("bench_amp.py", *args)["amp"]["rows"]
+    assert [r["model"] for r in rows] == ["shipped", "R50-FPN 128px"]
+    assert rows[0]["dets_fp32"] > 0 and rows[0]["matched"] > 0.5
+
+
+def test_large(run_bench):
+    results = run_bench(
+        "bench_large.py", "--sizes", 128, "--images", 0, "--profile-images", 1, "--depth", 50, "--classes", 8,
+        "--proposals", 20,
+    )
+    stages = {r["stage"]: r for r in results["large_stages"]["rows"]}
+    expected = {"backbone", "rpn", "roi head (res5)", "box predictor", "selection", "writers", "other"}
+    assert expected <= set(stages)
+    assert stages["backbone"]["s_per_img"] > 0 and stages["selection"]["s_per_img"] > 0
