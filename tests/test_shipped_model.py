@@ -121,10 +121,19 @@ def test_weights_are_small_and_load_with_no_missing_or_unexpected_keys(cfg):
     for key, value in model.state_dict().items():
         assert value.dtype == torch.float32 or not value.is_floating_point()
         torch.testing.assert_close(value, checkpoint["model"][key].to(value.dtype), msg=key)
-    # The plain heads have the same keys: the weights are those of an ordinary Mask R-CNN.
+    # The plain heads have the same keys but the attribute head's: the weights are those of
+    # an ordinary Mask R-CNN plus cls_embedding, fc_attr and attr_score.
     cfg = cfg.clone()
     cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    assert set(build_model(cfg).state_dict()) == set(checkpoint["model"])
+    extra = set(checkpoint["model"]) - set(build_model(cfg).state_dict())
+    prefix = "roi_heads.box_predictor."
+    assert extra == {
+        prefix + layer + suffix
+        for layer, suffixes in (("cls_embedding", [".weight"]), ("fc_attr", [".weight", ".bias"]),
+                                ("attr_score", [".weight", ".bias"]))
+        for suffix in suffixes
+    }
+    assert set(checkpoint["model"]) - extra == set(build_model(cfg).state_dict())
 
 
 def test_detects_every_object_of_a_val_image(cfg):

@@ -22,14 +22,12 @@ from d2_regionfeat.attributes import AttributeDatasetMapper
 from d2_regionfeat.data import register_synthetic_shapes
 from d2_regionfeat.evaluation import AttributeEvaluator
 
-import detectron2.engine.defaults
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
-from detectron2.utils.collect_env import collect_env_info
 
 DATASETS_ROOT = os.getenv("D2_REGIONFEAT_DATASETS", "~/.cache/d2_regionfeat/datasets")
 
@@ -68,21 +66,11 @@ class Trainer(DefaultTrainer):
         return super().test(cfg, model, evaluators)
 
 
-def _env_info():
-    # A detectron2 installed without its compiled extension (tools/install_detectron2.py)
-    # raises in collect_env_info(), which default_setup() logs; report that instead.
-    try:
-        return collect_env_info()
-    except ImportError as e:
-        return f"unavailable: {e}"
-
-
 def setup(args):
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    detectron2.engine.defaults.collect_env_info = _env_info
     default_setup(cfg, args)
     return cfg
 
