@@ -44,6 +44,10 @@ def replace_with_copy(sources: List[str], target: str):
     tmp = target + ".tmp"
     if os.path.exists(tmp):
         os.remove(tmp)
+    if len(sources) == 1 and os.path.exists(target) and os.path.samefile(sources[0], target):
+        # a merge redone after a crash: target is already a link to the part (and renaming
+        # a link over another link to the same file would do nothing, leaving tmp behind)
+        return
     if len(sources) == 1:
         try:
             os.link(sources[0], tmp)
