@@ -25,8 +25,8 @@ from torch.autograd.profiler import record_function
 from bench_extract import compare
 from bench_amp import load_inputs, model_cfg
 from common import parser, report, save_model, synchronize, write_images
-from d2_regionfeat.extract import BatchExtractor
-from d2_regionfeat.writers import WRITERS
+from d2_regionfeat.extraction.runner import BatchExtractor
+from d2_regionfeat.formats import WRITERS
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 

@@ -16,8 +16,10 @@ import shutil
 import tempfile
 
 from common import parser, report, run_child, shipped_model, write_images
+from d2_regionfeat.formats import WRITERS
+from d2_regionfeat.formats.hdf5 import Hdf5Writer
+from d2_regionfeat.formats.tsv import TsvWriter
 from d2_regionfeat.io import read_features
-from d2_regionfeat.writers import WRITERS, Hdf5Writer, TsvWriter
 from records import RecordMaker, write_records
 
 FLAT = 1.05

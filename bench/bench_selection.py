@@ -20,7 +20,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import d2_regionfeat  # noqa: F401
-from d2_regionfeat.selection import select_butd
+from d2_regionfeat.modeling.selection import select_butd
 
 VG = os.path.join(REPO, "configs", "VG", "faster_rcnn_R_101_C4_attr_butd.yaml")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Writers: --records records (N = --regions, D = --dim, float32) written through every layout
-of ``d2_regionfeat.writers.WRITERS`` (write, close, merge, as a 1-process extract_net run
+of ``d2_regionfeat.formats.WRITERS`` (write, close, merge, as a 1-process extract_net run
 does), then read back with ``d2_regionfeat.io.read_features``; MB/s (of the records' arrays)
 and records/s of each, and the size on disk. The full setting is the issue's: 10 000 records,
 N = 36, D = 2048 (3 GB of features per layout, one layout on disk at a time).
@@ -16,9 +16,9 @@ import time
 import numpy as np
 
 from common import parser, report
-from d2_regionfeat.io import WriteOnlyLayoutError, read_features
-from d2_regionfeat.manifest import write_manifest
-from d2_regionfeat.writers import WRITERS
+from d2_regionfeat.extraction.manifest import write_manifest
+from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError
+from d2_regionfeat.io import read_features
 from records import RecordMaker, write_records
 
 

@@ -18,7 +18,8 @@ import traceback
 sys.argv.pop(1)  # launch time (see common.run_child); unused
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from d2_regionfeat.writers import Hdf5Writer, TsvWriter  # noqa: E402
+from d2_regionfeat.formats.hdf5 import Hdf5Writer  # noqa: E402
+from d2_regionfeat.formats.tsv import TsvWriter  # noqa: E402
 
 
 def vm_size_bytes():

@@ -6,19 +6,25 @@ Importing this package registers the Feature ROI heads and box predictors, the b
 bottom-up-attention) and the RegionFeatureRCNN meta-architecture, and adds the
 ``MODEL.REGION_FEATURES``, ``MODEL.ATTRIBUTE_ON`` and ``MODEL.ROI_ATTRIBUTE_HEAD`` keys to
 detectron2's default config.
+
+The package has three parts: the model side in :mod:`d2_regionfeat.modeling`, extraction at
+dataset scale in :mod:`d2_regionfeat.extraction`, and the on-disk layouts in
+:mod:`d2_regionfeat.formats` (read back through :mod:`d2_regionfeat.io`).
 """
 from detectron2.config.defaults import _C as _detectron2_defaults
 
-from .attributes import AttributeDatasetMapper
-from .backbone import build_narrow_resnet_fpn_backbone
-from .config import add_regionfeat_config
-from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
-from .meta_arch import RegionFeatureRCNN
-from .predictor import (
+from .modeling import (
     ROI_BOX_PREDICTOR_REGISTRY,
+    AttributeDatasetMapper,
+    FeatureCascadeROIHeads,
     FeatureFastRCNNOutputLayers,
+    FeatureRes5ROIHeads,
+    FeatureROIHeads,
+    RegionFeatureRCNN,
     RegionPredictions,
+    add_regionfeat_config,
     build_box_predictor,
+    build_narrow_resnet_fpn_backbone,
 )
 
 add_regionfeat_config(_detectron2_defaults)

@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 
-from .given_boxes import regions_for_boxes
+from .modeling.given_boxes import regions_for_boxes
 
 
 class AttributeEvaluator(DatasetEvaluator):

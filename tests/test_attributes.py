@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from d2_regionfeat import AttributeDatasetMapper
-from d2_regionfeat.given_boxes import regions_for_boxes
+from d2_regionfeat.modeling.given_boxes import regions_for_boxes
 from helpers import build, image, inputs, make_cfg
 
 NUM_ATTRIBUTES = 4

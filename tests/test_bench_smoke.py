@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2_regionfeat.writers import WRITERS
+from d2_regionfeat.formats import WRITERS
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

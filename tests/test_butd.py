@@ -20,7 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 import butd_reference as ref
-from d2_regionfeat.selection import select_butd
+from d2_regionfeat.modeling.selection import select_butd
 from helpers import image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,8 +278,8 @@ def test_batch_gives_the_per_image_results(model):
 
 
 def test_explain_report_prints_class_names(tmp_path):
-    from d2_regionfeat.explain import format_report
-    from d2_regionfeat.vocabulary import read_vocabulary
+    from d2_regionfeat.modeling.explain import format_report
+    from d2_regionfeat.modeling.vocabulary import read_vocabulary
 
     report = {
         "score_thresh": 0.5, "stages": [{"stage": "proposals", "count": 2}], "final": 1,

@@ -7,9 +7,9 @@ import pytest
 
 from d2_regionfeat.data.synthetic import render_image
 from d2_regionfeat.default_model import get_default_model_cfg
-from d2_regionfeat.extract import BatchExtractor, prepare_job
-from d2_regionfeat.inputs import ImageDataset, list_inputs
-from d2_regionfeat.manifest import OutputFolderError, read_manifest
+from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
+from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
+from d2_regionfeat.extraction.runner import BatchExtractor, prepare_job
 from PIL import Image
 
 

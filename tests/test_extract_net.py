@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from d2_regionfeat.inputs import ImageItem, InputError, list_inputs
+from d2_regionfeat.extraction.inputs import ImageItem, InputError, list_inputs
+from d2_regionfeat.formats.npz import NpzWriter
+from d2_regionfeat.formats.safety import LineLog, RecordJournal
 from d2_regionfeat.io import TSV_FIELDNAMES, read_features
-from d2_regionfeat.writers import LineLog, NpzWriter, RecordJournal
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor

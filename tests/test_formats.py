@@ -18,14 +18,14 @@ import pytest
 import torch
 
 import consumers
-from d2_regionfeat.config import region_features_node
-from d2_regionfeat.convert import ConversionError
-from d2_regionfeat.convert import convert as convert_in_process
-from d2_regionfeat.extract import BatchExtractor
+from d2_regionfeat.extraction.convert import ConversionError
+from d2_regionfeat.extraction.convert import convert as convert_in_process
+from d2_regionfeat.extraction.inputs import list_inputs
+from d2_regionfeat.extraction.runner import BatchExtractor
 from d2_regionfeat.formats import WRITERS, RunOutputs, WriteOnlyLayoutError, merge_outputs, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
-from d2_regionfeat.inputs import list_inputs
 from d2_regionfeat.io import read_features as io_read_features
+from d2_regionfeat.modeling.config import region_features_node
 from detectron2.data import DatasetCatalog
 from detectron2.structures import Boxes, Instances
 from helpers import make_cfg

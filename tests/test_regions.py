@@ -11,9 +11,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import Boxes
 
-from d2_regionfeat.explain import explain_detections, format_report
-from d2_regionfeat.given_boxes import RegionPredictor, regions_for_boxes
-from d2_regionfeat.selection import select_regions
+from d2_regionfeat.modeling.explain import explain_detections, format_report
+from d2_regionfeat.modeling.given_boxes import RegionPredictor, regions_for_boxes
+from d2_regionfeat.modeling.selection import select_regions
 
 from helpers import build, image, inputs, make_cfg
 from reference import backbone_and_proposals, clipped_box, pooled_and_head, proposal_outputs

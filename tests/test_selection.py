@@ -1,7 +1,7 @@
 """Per-image selection functions, on hand-made predictor outputs."""
 import torch
 
-from d2_regionfeat.selection import select_detections
+from d2_regionfeat.modeling.selection import select_detections
 
 
 def test_detections_map_indices_past_non_finite_proposals():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import d2_regionfeat  # noqa: F401  (registers the heads and backbone, adds the config node)
-from d2_regionfeat.attributes import AttributeDatasetMapper
+from d2_regionfeat.modeling.attributes import AttributeDatasetMapper
 from d2_regionfeat.data.synthetic import (
     ATTRIBUTE_GROUPS,
     ATTRIBUTES,
@@ -21,7 +21,7 @@ from d2_regionfeat.data.synthetic import (
 )
 from d2_regionfeat.default_model import get_default_model_cfg
 from d2_regionfeat.evaluation import AttributeEvaluator
-from d2_regionfeat.given_boxes import RegionPredictor
+from d2_regionfeat.modeling.given_boxes import RegionPredictor
 from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,

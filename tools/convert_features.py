@@ -20,10 +20,10 @@ import warnings
 warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
-from d2_regionfeat.convert import ConversionError, convert  # noqa: E402
+from d2_regionfeat.extraction.convert import ConversionError, convert  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
-from d2_regionfeat.inputs import ID_MODES  # noqa: E402
-from d2_regionfeat.manifest import OutputFolderError  # noqa: E402
+from d2_regionfeat.extraction.inputs import ID_MODES  # noqa: E402
+from d2_regionfeat.extraction.manifest import OutputFolderError  # noqa: E402
 
 
 def get_parser():

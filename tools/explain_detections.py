@@ -19,9 +19,9 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
-from d2_regionfeat.config import use_feature_heads
-from d2_regionfeat.explain import explain_detections, format_report
-from d2_regionfeat.given_boxes import RegionPredictor
+from d2_regionfeat.modeling.config import use_feature_heads
+from d2_regionfeat.modeling.explain import explain_detections, format_report
+from d2_regionfeat.modeling.given_boxes import RegionPredictor
 
 
 def parse_args(argv=None):

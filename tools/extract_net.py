@@ -7,7 +7,7 @@ Extract region features of a whole image set with a d2_regionfeat model.
         [--num-workers 2] [--fp16] [--amp] [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
 
 ``--input`` is a folder, a glob, a text file of paths, a COCO-format json or a registered
-detectron2 dataset (:mod:`d2_regionfeat.inputs`). ``OUT`` gets ``manifest.json``,
+detectron2 dataset (:mod:`d2_regionfeat.extraction.inputs`). ``OUT`` gets ``manifest.json``,
 ``failures.jsonl``, ``no_regions.jsonl`` and one output per ``--format``. Our own layouts:
 
 * ``npz``: ``OUT/npz/<image_id>.npz``, keys ``x`` (N, D) features, ``bbox`` (N, 4) x1 y1 x2 y2
@@ -50,10 +50,10 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 import torch  # noqa: E402
 
 import d2_regionfeat  # noqa: F401,E402  (registers the heads, adds MODEL.REGION_FEATURES)
-from d2_regionfeat.extract import ExtractionError, extract, prepare_job  # noqa: E402
-from d2_regionfeat.inputs import ID_MODES, InputError  # noqa: E402
-from d2_regionfeat.launch import launch  # noqa: E402
-from d2_regionfeat.manifest import OutputFolderError, read_manifest  # noqa: E402
+from d2_regionfeat.extraction.inputs import ID_MODES, InputError  # noqa: E402
+from d2_regionfeat.extraction.launch import launch  # noqa: E402
+from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest  # noqa: E402
+from d2_regionfeat.extraction.runner import ExtractionError, extract, prepare_job  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402

@@ -18,7 +18,7 @@ ground-truth boxes (d2_regionfeat.evaluation.AttributeEvaluator).
 import os
 
 import d2_regionfeat  # noqa: F401  (registers the heads, backbone and config node)
-from d2_regionfeat.attributes import AttributeDatasetMapper
+from d2_regionfeat.modeling.attributes import AttributeDatasetMapper
 from d2_regionfeat.data import register_synthetic_shapes
 from d2_regionfeat.evaluation import AttributeEvaluator
 

@@ -6,7 +6,7 @@ A record is a dict (N regions, D feature size, K classes, A attributes):
 =================  =======================  ===============================================
 key                value                    meaning
 =================  =======================  ===============================================
-``image_id``       str                      the image's id (see :mod:`d2_regionfeat.inputs`)
+``image_id``       str                      the image's id (see :mod:`d2_regionfeat.extraction.inputs`)
 ``image_h``        int                      original image height (after EXIF orientation)
 ``image_w``        int                      original image width
 ``num_bbox``       int                      N

@@ -28,10 +28,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from .config import region_features_node
-from .heads import RegionFeatureHeadsMixin
-from .inputs import ImageDataset, ImageItem, list_inputs, one_line
-from .formats import (
+from ..formats import (
     FAILURES_NAME,
     NO_REGIONS_NAME,
     WRITERS,
@@ -41,6 +38,9 @@ from .formats import (
     merge_outputs,
     read_features,
 )
+from ..modeling.config import region_features_node
+from ..modeling.heads import RegionFeatureHeadsMixin
+from .inputs import ImageDataset, ImageItem, list_inputs, one_line
 from .manifest import (
     MANIFEST_VERSION,
     claim_output_folder,

@@ -34,7 +34,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 
-from .formats.records import LayoutIdError, int_id
+from ..formats.records import LayoutIdError, int_id
 
 ID_MODES = ("stem", "int")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")

@@ -97,7 +97,7 @@ def build_resnet_caffe_maxpool_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     detectron2's ``build_resnet_backbone`` (same keys, parameters and initial weights) with
     :class:`CaffeMaxPoolStem` as its stem. Checkpoints of the PyTorch ports of
     bottom-up-attention load into it with their BatchNorm counters dropped
-    (:mod:`d2_regionfeat.checkpoint`).
+    (:mod:`d2_regionfeat.modeling.checkpoint`).
     """
     backbone = build_resnet_backbone(cfg, input_shape)
     stock = backbone.stem

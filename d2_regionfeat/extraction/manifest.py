@@ -10,7 +10,7 @@ import os
 import platform
 from importlib import metadata
 
-from .io import MANIFEST_NAME
+from ..formats import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
 # Manifest keys that must match for --resume to continue a folder, with their names in errors.

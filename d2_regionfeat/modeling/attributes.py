@@ -3,7 +3,7 @@ Attributes of regions ("red", "striped", ...): the bottom-up-attention attribute
 formula, its training loss, and the dataset mapper that gives ground-truth attributes.
 
 The head (its parameters live on the box predictor, see
-:class:`d2_regionfeat.predictor.FeatureFastRCNNOutputLayers`) scores A real attributes plus
+:class:`d2_regionfeat.modeling.predictor.FeatureFastRCNNOutputLayers`) scores A real attributes plus
 "no attribute", which comes LAST (detectron2's convention, as background among classes):
 
     embedding = cls_embedding[class]                      (R, EMBED_DIM)

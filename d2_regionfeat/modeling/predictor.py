@@ -76,7 +76,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
     head on (``MODEL.ATTRIBUTE_ON``) it also has ``cls_embedding`` (Embedding(K+1, E)),
     ``fc_attr`` (Linear(D+E, H)) and ``attr_score`` (Linear(H, A+1)), gives every output
     region ``attr_probs`` (A+1,), ``attrs_id`` and ``attrs_conf`` (see
-    :mod:`d2_regionfeat.attributes`), and trains them with ``loss_attr``.
+    :mod:`d2_regionfeat.modeling.attributes`), and trains them with ``loss_attr``.
     """
 
     @configurable
@@ -215,7 +215,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         Within this context, the images' original (height, width), in order, which "butd"
         selection needs (its NMS runs in original image pixels); set by
-        :class:`d2_regionfeat.meta_arch.RegionFeatureRCNN`.
+        :class:`d2_regionfeat.modeling.meta_arch.RegionFeatureRCNN`.
         """
         self._output_shapes = list(shapes)
         try:

@@ -7,7 +7,7 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence
 
-from .formats import (
+from ..formats import (
     FAILURES_NAME,
     NO_REGIONS_NAME,
     WRITERS,
@@ -18,8 +18,8 @@ from .formats import (
     merge_outputs,
     read_features,
 )
-from .formats.records import int_id
-from .formats.run import NO_REGIONS, read_log
+from ..formats.records import int_id
+from ..formats.run import NO_REGIONS, read_log
 from .manifest import claim_output_folder, read_manifest, write_manifest
 
 # Source layouts, best first: complete records (class probabilities, images without

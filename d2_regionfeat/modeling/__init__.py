@@ -1,0 +1,38 @@
+"""
+The model side of d2_regionfeat: the ``MODEL.REGION_FEATURES`` / ``MODEL.ROI_ATTRIBUTE_HEAD``
+config (:mod:`.config`), the Feature ROI heads (:mod:`.heads`) and box predictors
+(:mod:`.predictor`), per-image selection (:mod:`.selection`), the attribute head
+(:mod:`.attributes`), the backbones (:mod:`.backbone`), the meta-architecture
+(:mod:`.meta_arch`), the ports' checkpoint hook (:mod:`.checkpoint`), vocabulary files
+(:mod:`.vocabulary`), features of given boxes (:mod:`.given_boxes`) and the accounting of
+dropped detections (:mod:`.explain`).
+
+Importing it registers the heads, predictors, backbones and meta-architecture in detectron2's
+registries.
+"""
+from .attributes import AttributeDatasetMapper
+from .backbone import build_narrow_resnet_fpn_backbone, build_resnet_caffe_maxpool_backbone
+from .config import add_regionfeat_config
+from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
+from .meta_arch import RegionFeatureRCNN
+from .predictor import (
+    ROI_BOX_PREDICTOR_REGISTRY,
+    FeatureFastRCNNOutputLayers,
+    RegionPredictions,
+    build_box_predictor,
+)
+
+__all__ = [
+    "add_regionfeat_config",
+    "AttributeDatasetMapper",
+    "RegionFeatureRCNN",
+    "build_narrow_resnet_fpn_backbone",
+    "build_resnet_caffe_maxpool_backbone",
+    "FeatureROIHeads",
+    "FeatureRes5ROIHeads",
+    "FeatureCascadeROIHeads",
+    "FeatureFastRCNNOutputLayers",
+    "RegionPredictions",
+    "ROI_BOX_PREDICTOR_REGISTRY",
+    "build_box_predictor",
+]
