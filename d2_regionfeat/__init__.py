@@ -13,32 +13,9 @@ dataset scale in :mod:`d2_regionfeat.extraction`, and the on-disk layouts in
 """
 from detectron2.config.defaults import _C as _detectron2_defaults
 
-from .modeling import (
-    ROI_BOX_PREDICTOR_REGISTRY,
-    AttributeDatasetMapper,
-    FeatureCascadeROIHeads,
-    FeatureFastRCNNOutputLayers,
-    FeatureRes5ROIHeads,
-    FeatureROIHeads,
-    RegionFeatureRCNN,
-    RegionPredictions,
-    add_regionfeat_config,
-    build_box_predictor,
-    build_narrow_resnet_fpn_backbone,
-)
+from . import modeling
+from .modeling import *  # noqa: F401,F403  (the model side's public names)
 
-add_regionfeat_config(_detectron2_defaults)
+add_regionfeat_config(_detectron2_defaults)  # noqa: F405
 
-__all__ = [
-    "add_regionfeat_config",
-    "AttributeDatasetMapper",
-    "RegionFeatureRCNN",
-    "build_narrow_resnet_fpn_backbone",
-    "FeatureROIHeads",
-    "FeatureRes5ROIHeads",
-    "FeatureCascadeROIHeads",
-    "FeatureFastRCNNOutputLayers",
-    "RegionPredictions",
-    "ROI_BOX_PREDICTOR_REGISTRY",
-    "build_box_predictor",
-]
+__all__ = modeling.__all__

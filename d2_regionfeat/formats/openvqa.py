@@ -13,12 +13,6 @@ from .records import LayoutIdError, encode_npz
 _REGION_KEYS = ("objects_id", "objects_conf")
 
 
-def _read(folder, keys, to_record):
-    for key in keys:
-        with np.load(os.path.join(folder, key + ".npz")) as npz:
-            yield to_record(key, npz)
-
-
 @register_format("openvqa")
 class OpenVqaWriter(PerImageFilesWriter):
     """
@@ -31,10 +25,17 @@ class OpenVqaWriter(PerImageFilesWriter):
 
     output_name = "openvqa"
     flat = True
+    # the VQA loader parses an int out of the file name; GQA's finds files by name
+    parses_int_id = True
+    # how the (N, D) features are stored, and the names of the image size keys
+    transposed = True
+    size_keys = ("image_h", "image_w")
 
     @classmethod
     def key(cls, image_id):
         key = super().key(image_id)
+        if not cls.parses_int_id:
+            return key
         try:
             int(key.split("_")[-1].split(".")[0])
         except ValueError:
@@ -45,54 +46,39 @@ class OpenVqaWriter(PerImageFilesWriter):
         return key
 
     def files(self, record):
+        x = np.asarray(record["x"], np.float32)
+        height, width = self.size_keys
         arrays = {
-            "x": np.asarray(record["x"], np.float32).T,
+            "x": x.T if self.transposed else x,
             "bbox": record["bbox"],
             "num_bbox": record["num_bbox"],
-            "image_h": record["image_h"],
-            "image_w": record["image_w"],
+            height: record["image_h"],
+            width: record["image_w"],
         }
         arrays.update({k: record[k] for k in _REGION_KEYS})
         return [encode_npz(arrays, keys=tuple(arrays))]
 
     @classmethod
     def read(cls, path):
-        def to_record(key, npz):
-            record = {k: npz[k] for k in ("bbox",) + _REGION_KEYS}
-            record.update(image_id=key, x=npz["x"].T, num_bbox=int(npz["num_bbox"]),
-                          image_h=int(npz["image_h"]), image_w=int(npz["image_w"]))
-            return record
-
-        return _read(path, cls.keys_in(path), to_record)
+        height, width = cls.size_keys
+        for key in cls.keys_in(path):
+            with np.load(os.path.join(path, key + ".npz")) as npz:
+                record = {k: npz[k] for k in ("bbox",) + _REGION_KEYS}
+                record.update(
+                    image_id=key, x=npz["x"].T if cls.transposed else npz["x"],
+                    num_bbox=int(npz["num_bbox"]), image_h=int(npz[height]), image_w=int(npz[width]),
+                )
+                yield record
 
 
 @register_format("openvqa_gqa")
-class OpenVqaGqaWriter(PerImageFilesWriter):
+class OpenVqaGqaWriter(OpenVqaWriter):
     """
     ``<output>/openvqa_gqa/<image_id>.npz``: ``x`` (N, D) float32, ``bbox`` (N, 4),
     ``width``, ``height``, ``num_bbox``, ``objects_id``, ``objects_conf``.
     """
 
     output_name = "openvqa_gqa"
-    flat = True
-
-    def files(self, record):
-        arrays = {
-            "x": np.asarray(record["x"], np.float32),
-            "bbox": record["bbox"],
-            "num_bbox": record["num_bbox"],
-            "width": record["image_w"],
-            "height": record["image_h"],
-        }
-        arrays.update({k: record[k] for k in _REGION_KEYS})
-        return [encode_npz(arrays, keys=tuple(arrays))]
-
-    @classmethod
-    def read(cls, path):
-        def to_record(key, npz):
-            record = {k: npz[k] for k in ("x", "bbox") + _REGION_KEYS}
-            record.update(image_id=key, num_bbox=int(npz["num_bbox"]),
-                          image_h=int(npz["height"]), image_w=int(npz["width"]))
-            return record
-
-        return _read(path, cls.keys_in(path), to_record)
+    parses_int_id = False
+    transposed = False
+    size_keys = ("height", "width")
