@@ -27,9 +27,10 @@ class OpenVqaWriter(PerImageFilesWriter):
     flat = True
     # the VQA loader parses an int out of the file name; GQA's finds files by name
     parses_int_id = True
-    # how the (N, D) features are stored, and the names of the image size keys
+    # how the (N, D) features are stored, and the image size: record key -> file key, in
+    # the files' order
     transposed = True
-    size_keys = ("image_h", "image_w")
+    size_keys = {"image_h": "image_h", "image_w": "image_w"}
 
     @classmethod
     def key(cls, image_id):
@@ -47,26 +48,24 @@ class OpenVqaWriter(PerImageFilesWriter):
 
     def files(self, record):
         x = np.asarray(record["x"], np.float32)
-        height, width = self.size_keys
         arrays = {
             "x": x.T if self.transposed else x,
             "bbox": record["bbox"],
             "num_bbox": record["num_bbox"],
-            height: record["image_h"],
-            width: record["image_w"],
         }
+        arrays.update({name: record[key] for key, name in self.size_keys.items()})
         arrays.update({k: record[k] for k in _REGION_KEYS})
         return [encode_npz(arrays, keys=tuple(arrays))]
 
     @classmethod
     def read(cls, path):
-        height, width = cls.size_keys
         for key in cls.keys_in(path):
             with np.load(os.path.join(path, key + ".npz")) as npz:
                 record = {k: npz[k] for k in ("bbox",) + _REGION_KEYS}
+                record.update({k: int(npz[name]) for k, name in cls.size_keys.items()})
                 record.update(
                     image_id=key, x=npz["x"].T if cls.transposed else npz["x"],
-                    num_bbox=int(npz["num_bbox"]), image_h=int(npz[height]), image_w=int(npz[width]),
+                    num_bbox=int(npz["num_bbox"]),
                 )
                 yield record
 
@@ -81,4 +80,4 @@ class OpenVqaGqaWriter(OpenVqaWriter):
     output_name = "openvqa_gqa"
     parses_int_id = False
     transposed = False
-    size_keys = ("height", "width")
+    size_keys = {"image_w": "width", "image_h": "height"}
