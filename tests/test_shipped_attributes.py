@@ -138,7 +138,7 @@ def test_shipped_model_has_the_attribute_head(predictor):
 
 
 def test_shipped_model_names_the_size_of_each_object_of_a_val_image(predictor):
-    # The shipped model knows sizes, not colours (README, "The shipped default model").
+    # Sizes are the easy half (99.6% on val, README "The shipped default model").
     image, anns = render_image(image_seed(0, "val", FIXED_VAL_INDEX))
     bgr = np.ascontiguousarray(image[:, :, ::-1])
     boxes = np.array([a["bbox"] for a in anns], dtype=np.float32)
@@ -155,12 +155,26 @@ def test_shipped_model_names_the_size_of_each_object_of_a_val_image(predictor):
             ("given box", given.attr_probs[i]),
             ("detection", detected.attr_probs[best]),
         ):
-            # the more probable size, and the most probable attribute of all for large objects
+            # the more probable size
             assert [ATTRIBUTES[sizes[int(probs[sizes].argmax())]]] == truth or not truth, (i, name)
-            if truth == ["large"]:
-                assert ATTRIBUTES[int(probs[:-1].argmax())] == "large", (i, name)
         checked.update(truth)
     assert checked == {"small", "large"}
+
+
+def test_shipped_model_names_most_colours_of_the_first_val_images(predictor):
+    # Colours are the hard half (60.5% on val, where always "green" would score 27%): of the
+    # coloured objects of the first 8 val images, given their boxes, most get their colour.
+    colours = [ATTRIBUTES.index(c) for c in COLOURS]
+    hits = []
+    for index in range(8):
+        image, anns = render_image(image_seed(0, "val", index))
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32)
+        probs = predictor(np.ascontiguousarray(image[:, :, ::-1]), boxes)["instances"].attr_probs
+        for ann, p in zip(anns, probs):
+            truth = [k for k in ann["attribute_ids"] if k in colours]
+            if truth:
+                hits.append(colours[int(p[colours].argmax())] == truth[0])
+    assert len(hits) >= 20 and np.mean(hits) >= 0.5, hits
 
 
 def test_attribute_evaluator_counts_hits_per_group(predictor, tmp_path):
@@ -222,6 +236,7 @@ def test_training_losses_are_finite_and_decrease(tmp_path):
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "synthetic", "shapes_mask_rcnn.yaml"))
     cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_ATTRIBUTE_HEAD.LOSS_WEIGHT = 1.0  # unscaled (the config's 0.25 learns slower)
     cfg.INPUT.MIN_SIZE_TRAIN = (224,)
     torch.manual_seed(0)
     model = build_model(cfg)
