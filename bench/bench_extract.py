@@ -21,6 +21,12 @@ import tempfile
 from common import parser, report, run_child, save_model, shipped_model, write_images
 from helpers import make_cfg
 
+# The columns of a row of :func:`compare`.
+COLUMNS = [
+    "model", "images", "loop_img_s", "extract_img_s", "ratio", "loop_startup_s",
+    "extract_startup_s", "loop_busy", "extract_busy", "writers_frac",
+]
+
 
 def fpn_800(size=800):
     """detectron2's R50-FPN Mask R-CNN at its default test size, random weights, 80 classes."""
@@ -96,8 +102,7 @@ def main():
           f"batch {args.batch_size}, {args.num_workers} workers, median of {args.repeats}")
     report(
         "extract", rows,
-        ["model", "images", "loop_img_s", "extract_img_s", "ratio", "loop_startup_s",
-         "extract_startup_s", "loop_busy", "extract_busy", "writers_frac"],
+        COLUMNS,
         {"device": args.device, "threads": args.threads, "repeats": args.repeats,
          "batch_size": args.batch_size, "num_workers": args.num_workers, "formats": args.formats},
         args.results,

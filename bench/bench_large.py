@@ -22,7 +22,7 @@ import time
 import torch
 from torch.autograd.profiler import record_function
 
-from bench_extract import compare
+from bench_extract import COLUMNS, compare
 from bench_amp import load_inputs, model_cfg
 from common import parser, report, save_model, synchronize, write_images
 from d2_regionfeat.extraction.runner import BatchExtractor
@@ -163,8 +163,7 @@ def main():
           f"{args.threads} thread(s)")
     report(
         "large", throughput,
-        ["model", "images", "loop_img_s", "extract_img_s", "ratio", "loop_startup_s",
-         "extract_startup_s", "loop_busy", "extract_busy", "writers_frac"],
+        COLUMNS,
         {"stages": stages, "device": args.device, "threads": args.threads, "repeats": args.repeats,
          "depth": args.depth, "classes": args.classes, "proposals": args.proposals,
          "profile_images": args.profile_images},
