@@ -2,14 +2,15 @@
 """
 Memory: peak resident memory of ``tools/extract_net.py`` (the process, and its largest
 DataLoader worker) with the shipped model at --counts images, every format at once; it must
-be flat (<= +5 % from the fewest images to the most). It is measured again with glibc's
-dynamic mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): with the default, freed blocks of
-varying sizes (images, activations) stay in the heap and the RSS creeps up to a plateau
-without any object being kept. Then the TSV and HDF5 parts of a
-2-process run, each larger than a memory cap, are recovered and merged under that cap
-(``RLIMIT_AS`` in a child process; Linux): neither may load a whole part.
+be flat (<= +5 % from the fewest images to the most). Measured over two image sets: distinct
+images (each run the first N of one set), where the peak also follows the image with the
+largest forward (the mask head's activations grow with the detections), and the first
+--counts[0] images repeated up to N, where any growth is memory held from image to image.
+Then the TSV and HDF5 parts of a 2-process run, each larger than a memory cap, are recovered
+and merged under that cap (``RLIMIT_AS`` in a child process; Linux): neither may load a
+whole part.
 
-    python bench/bench_memory.py [--counts 50,200,500] [--mmap-threshold 131072] [--part-mb 256 --cap-mb 200]
+    python bench/bench_memory.py [--counts 50,200,500] [--part-mb 256 --cap-mb 200]
 """
 import os
 import shutil
@@ -25,17 +26,30 @@ from records import RecordMaker, write_records
 FLAT = 1.05
 
 
+def repeated_images(folder, images, first, count):
+    """``folder`` with ``count`` links to the ``first`` files of ``images``, over and over."""
+    os.makedirs(folder, exist_ok=True)
+    names = sorted(os.listdir(images))[:first]
+    for i in range(count):
+        link = os.path.join(folder, f"repeat_{i:06d}.jpg")
+        if not os.path.exists(link):
+            os.link(os.path.join(images, names[i % first]), link)
+    return folder
+
+
 def peak_rss(args, work):
-    """Rows of peak RSS by number of images."""
+    """Rows of peak RSS by image set and number of images."""
     counts = [int(c) for c in args.counts.split(",")]
     config = shipped_model(work)
-    images = write_images(os.path.join(work, "shapes"), max(counts))
-    allocators = {"glibc default": {}}
-    if args.mmap_threshold:
-        threshold = str(args.mmap_threshold)
-        allocators[f"mmap threshold {threshold}"] = {"MALLOC_MMAP_THRESHOLD_": threshold}
+    distinct = write_images(os.path.join(work, "shapes"), max(counts))
+    image_sets = {
+        "distinct": distinct,
+        f"first {counts[0]} repeated": repeated_images(
+            os.path.join(work, "repeated"), distinct, counts[0], max(counts)
+        ),
+    }
     rows = []
-    for allocator, env in allocators.items():
+    for image_set, images in image_sets.items():
         first = None
         for count in counts:
             out = os.path.join(work, "out")
@@ -43,10 +57,10 @@ def peak_rss(args, work):
             run = run_child(
                 ["extract_runs.py", "extract", "--config", config, "--images", images, "--output", out,
                  "--device", args.device, "--limit", count, "--formats", ",".join(WRITERS)],
-                threads=args.threads, env=env,
+                threads=args.threads,
             )
             first = first or run["rss_mb"]
-            rows.append({"malloc": allocator, "images": count, "rss_mb": run["rss_mb"],
+            rows.append({"images": image_set, "count": count, "rss_mb": run["rss_mb"],
                          "worker_rss_mb": run["children_rss_mb"], "growth": run["rss_mb"] / first,
                          "ok": run["rss_mb"] / first <= FLAT})
             shutil.rmtree(out)
@@ -85,10 +99,6 @@ def main():
     p = parser(__doc__)
     p.add_argument("--counts", default="50,200,500", help="numbers of images ('' to skip)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--mmap-threshold", type=int, default=131072,
-        help="also measure with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this many bytes (0: skip)",
-    )
     p.add_argument("--part-mb", type=float, default=256, help="size of each part (MB of features)")
     p.add_argument("--cap-mb", type=float, default=200, help="memory the merge may add (0 to skip)")
     p.add_argument("--slab-mb", type=float, help="HDF5 merge slab (default: the writer's own)")
@@ -100,7 +110,7 @@ def main():
     if rows:
         print(f"peak resident memory of extract_net (shipped model, formats {','.join(WRITERS)}), "
               f"flat: <= {FLAT:.2f}x")
-        report("memory", rows, ["malloc", "images", "rss_mb", "worker_rss_mb", "growth", "ok"],
+        report("memory", rows, ["images", "count", "rss_mb", "worker_rss_mb", "growth", "ok"],
                {"merge_under_cap": cap}, args.results)
     if cap:
         print(f"merge under a cap: parts of {cap['part_mb']:.0f} MB, cap {cap['cap_mb']:.0f} MB above "

@@ -53,10 +53,11 @@ def test_extract(run_bench):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_memory_and_merges_under_a_cap(run_bench):
     result = run_bench(
-        "bench_memory.py", "--counts", "2,4", "--mmap-threshold", 0, "--part-mb", 52, "--cap-mb", 48,
+        "bench_memory.py", "--counts", "2,4", "--part-mb", 52, "--cap-mb", 48,
         "--slab-mb", 4,
     )["memory"]
-    assert [r["images"] for r in result["rows"]] == [2, 4]
+    assert [r["count"] for r in result["rows"]] == [2, 4, 2, 4]
+    assert [r["images"] for r in result["rows"]] == ["distinct"] * 2 + ["first 2 repeated"] * 2
     cap = result["merge_under_cap"]
     assert cap["part_mb"] > cap["cap_mb"] and cap["whole_part_read"] == "MemoryError"
     assert (cap["tsv"], cap["hdf5"], cap["read_back"]) == ("ok", "ok", True)
@@ -70,8 +71,9 @@ def test_writers(run_bench):
 def test_amp(run_bench):
     args = ["--images", 2, "--fpn-images", 1, "--fpn-size", 128, "--repeats", 1]
     rows = run_bench("bench_amp.py", *args)["amp"]["rows"]
-    assert [r["model"] for r in rows] == ["shipped", "R50-FPN 128px"]
+    assert [r["model"] for r in rows] == ["shipped", "shipped, POOL_AT final", "R50-FPN 128px"]
     assert rows[0]["dets_fp32"] > 0 and rows[0]["matched"] > 0.5
+    assert all(0 < r["backbone_cos"] <= 1 + 1e-9 for r in rows)
 
 
 def test_large(run_bench):

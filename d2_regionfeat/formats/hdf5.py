@@ -33,7 +33,7 @@ class Hdf5Writer(JournalWriter):
     output_name = "features.h5"
     keeps_empty = True
     # Regions are appended to the HDF5 columns in slabs of about this many bytes.
-    slab_bytes = 64 << 20
+    slab_bytes = 16 << 20
 
     @classmethod
     def merge(cls, output_dir, world_size):
