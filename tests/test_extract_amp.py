@@ -1,15 +1,19 @@
 """
-extract_net's --amp: the model's forward under autocast, records still float32 (float16
-features with --fp16), the setting in the manifest and in the identity a resume must match.
+extract_net's --amp: the model's forward under autocast but its box path in float32, records
+still float32 (float16 features with --fp16), the setting in the manifest and in the identity
+a resume must match.
 """
 import numpy as np
 import pytest
+import torch
 
 from d2_regionfeat.data.synthetic import render_image
 from d2_regionfeat.default_model import get_default_model_cfg
 from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
 from d2_regionfeat.extraction.runner import BatchExtractor, prepare_job
+from d2_regionfeat.modeling.given_boxes import regions_for_boxes
+from helpers import build, inputs, make_cfg
 from PIL import Image
 
 
@@ -55,3 +59,50 @@ def test_amp_is_in_the_manifest_and_resume_identity(cfg, images, tmp_path):
     prepare_job(cfg, str(images), out, ["npz"], 1, resume=True, amp=True)
     with pytest.raises(OutputFolderError, match="--amp"):
         prepare_job(cfg, str(images), out, ["npz"], 1, resume=True, amp=False)
+
+
+@pytest.mark.parametrize("kind", ["fpn", "c4", "cascade"])
+def test_box_path_runs_in_float32_under_autocast(kind):
+    model = build(make_cfg(kind), seed=0)
+    heads = model.roi_heads
+    box_path = heads.res5 if kind == "c4" else heads.box_head[-1] if kind == "cascade" else heads.box_head
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, []).append((args[0].dtype, torch.is_autocast_enabled("cpu"), output))
+        return hook
+
+    model.backbone.register_forward_hook(record("backbone"))
+    box_path.register_forward_hook(record("box path"))
+    batched = inputs((1, 200, 280))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (detected,) = [o["instances"] for o in model.inference(batched)]
+        (given,) = regions_for_boxes(model, batched, [detected.pred_boxes.tensor[:3]])
+    assert len(seen["backbone"]) == 2
+    for _, on, maps in seen["backbone"]:
+        assert on and all(x.dtype == torch.bfloat16 for x in maps.values())
+    assert len(seen["box path"]) == 2
+    for dtype, on, output in seen["box path"]:
+        assert dtype == torch.float32 and not on and output.dtype == torch.float32
+    assert len(detected) and len(given) == min(3, len(detected))
+    for instances in (detected, given):
+        assert instances.box_features.dtype == torch.float32
+        assert instances.pred_boxes.tensor.dtype == torch.float32
+
+
+def test_amp_features_of_given_boxes_are_float32s(cfg, images):
+    """The shipped (trained) model: bfloat16 in the backbone alone keeps features' direction."""
+    dataset = ImageDataset(
+        list_inputs(str(images)), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    )
+    extractor = BatchExtractor(cfg, amp=True)
+    cosines = []
+    for x, record in zip(dataset, BatchExtractor(cfg)(list(dataset))):
+        batched = [{k: x[k] for k in ("image", "height", "width")}]
+        with torch.no_grad():
+            reference = regions_for_boxes(extractor.model, batched, [record["bbox"]])[0].box_features
+            with extractor.autocast:
+                amp = regions_for_boxes(extractor.model, batched, [record["bbox"]])[0].box_features
+        cosines += torch.nn.functional.cosine_similarity(reference.double(), amp.double()).tolist()
+    assert len(cosines) > 5 and min(cosines) >= 0.999

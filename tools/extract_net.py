@@ -87,7 +87,8 @@ def get_parser():
     parser.add_argument("--fp16", action="store_true", help="store features as float16")
     parser.add_argument(
         "--amp", action="store_true",
-        help="run the model under autocast (bfloat16 on CPU, float16 on CUDA); see bench/README.md",
+        help="run the backbone, RPN and mask head under autocast (bfloat16 on CPU, float16 on CUDA; "
+        "the box path stays float32); see bench/README.md",
     )
     parser.add_argument("--limit", type=_non_negative, default=0, help="only the first N inputs")
     parser.add_argument("--strict", action="store_true", help="exit with 1 when any image failed")

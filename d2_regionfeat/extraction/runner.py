@@ -193,7 +193,8 @@ class BatchExtractor:
     anchors); on CPU each image is run alone.
 
     With ``amp``, the model's forward runs under ``torch.autocast`` (bfloat16 on CPU, float16
-    on CUDA); the records are float32 (float16 features with ``fp16``) either way.
+    on CUDA), except its box path, which the Feature heads keep in float32; the records are
+    float32 (float16 features with ``fp16``) either way.
     """
 
     def __init__(self, cfg, fp16=False, amp=False):

@@ -6,7 +6,14 @@ identical, so existing checkpoints load) and its training path, and differs at i
 only: every output ``Instances`` gains ``box_features`` (M, D), ``proposal_index`` (M,) and,
 when asked, ``class_probs`` (M, K+1); with ``MODEL.ATTRIBUTE_ON`` their box predictor also
 has the attribute head (``attr_probs``, ``attrs_id``, ``attrs_conf``; ``loss_attr``).
+
+Under ``torch.autocast`` (``extract_net --amp``) the backbone, RPN and mask/keypoint heads run
+in the lower precision, but at inference the box path (pooling, box head, box predictor,
+selection), which makes the region features, scores and boxes, runs in float32: in bfloat16,
+the box head alone brings the cosine of the shipped model's features to their float32 ones
+down to 0.985 (bench/README.md).
 """
+from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
@@ -27,6 +34,20 @@ from .checkpoint import register_checkpoint_conversion
 from .config import region_features_node
 from .predictor import feature_predictor_like
 from .vocabulary import register_vocabularies
+
+
+@contextmanager
+def float32_regions(features: Dict[str, torch.Tensor]):
+    """
+    Run the block in float32 even under autocast: autocast is off inside, and the feature
+    maps given (name -> (N, C, H, W)) are yielded in float32 (the same dict without autocast).
+    """
+    device = next(iter(features.values())).device.type
+    if not torch.is_autocast_enabled(device):
+        yield features
+        return
+    with torch.autocast(device, enabled=False):
+        yield {name: x.float() for name, x in features.items()}
 
 
 class RegionFeatureHeadsMixin:
@@ -110,7 +131,8 @@ class RegionFeatureHeadsMixin:
         * with the attribute head: ``attr_probs``, ``attrs_id``, ``attrs_conf``.
         """
         if instances and not instances[0].has("box_features"):
-            self._describe_given_boxes(features, instances)
+            with float32_regions(features) as float_features:
+                self._describe_given_boxes(float_features, instances)
         return super().forward_with_given_boxes(features, instances)
 
     def _describe_given_boxes(self, features, instances):
@@ -162,8 +184,10 @@ class FeatureROIHeads(RegionFeatureHeadsMixin, StandardROIHeads):
         return self.box_head(pooled).flatten(1)
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        out = super()._forward_box(features, proposals)
-        if not self.training:
+        if self.training:
+            return super()._forward_box(features, proposals)
+        with float32_regions(features) as features:
+            out = super()._forward_box(features, proposals)
             self._finish_region_features(features, proposals, out)
         return out
 
@@ -212,8 +236,11 @@ class FeatureRes5ROIHeads(RegionFeatureHeadsMixin, Res5ROIHeads):
         return self.res5(pooled).mean(dim=[2, 3])
 
     def forward(self, images, features, proposals, targets=None):
-        instances, losses = super().forward(images, features, proposals, targets)
-        if not self.training:
+        if self.training:
+            return super().forward(images, features, proposals, targets)
+        # res5 is the box head (and the mask head's trunk): all of it in float32
+        with float32_regions(features) as features:
+            instances, losses = super().forward(images, features, proposals, targets)
             self._finish_region_features(features, proposals, instances)
         return instances, losses
 
@@ -257,6 +284,10 @@ class FeatureCascadeROIHeads(RegionFeatureHeadsMixin, CascadeROIHeads):
     def _forward_box(self, features, proposals, targets=None):
         if self.training:
             return super()._forward_box(features, proposals, targets)
+        with float32_regions(features) as features:
+            return self._inference_box(features, proposals)
+
+    def _inference_box(self, features, proposals):
         # Inference as in CascadeROIHeads (scores averaged over stages, boxes of the last),
         # selecting through the last predictor so that its features come along.
         box_features = [features[f] for f in self.box_in_features]
