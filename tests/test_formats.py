@@ -451,3 +451,21 @@ def test_min_regions_raises_the_regions_mode_minimum(model):
     finally:
         predictor.min_regions = 0
     assert len(instances) == 12 and instances.has("class_probs")
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2, 4], [4, 4, 4]], ids=["adaptive", "fixed"])
+def test_hdf5_layouts_merge_the_same_in_small_slabs(counts, tmp_path, monkeypatch):
+    """The HDF5 merges append in slabs; a slab a record gives the same records."""
+    records = [synthetic_record(i, n) for i, n in enumerate(counts, start=1)]
+    write_ranks(tmp_path / "one_slab", records, 1)
+    for fmt in ("hdf5", "ban_hdf5"):
+        monkeypatch.setattr(WRITERS[fmt], "slab_bytes", 1)
+    write_ranks(tmp_path / "slabs", records, 1)
+    for fmt in ("hdf5", "ban_hdf5"):
+        name = WRITERS[fmt].output_name
+        got = list(read_features(str(tmp_path / "slabs" / name), fmt))
+        want = list(read_features(str(tmp_path / "one_slab" / name), fmt))
+        assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
+        assert [len(r["x"]) for r in got] == [n for n in counts if n or WRITERS[fmt].keeps_empty]
+        assert_same_records(by_id(got), by_id(want))
+    assert os.listdir(tmp_path / "slabs" / "ban") == os.listdir(tmp_path / "one_slab" / "ban")

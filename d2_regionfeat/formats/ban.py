@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 
 from .base import JournalWriter, register_format
-from .hdf5 import append_rows
+from .hdf5 import Hdf5Writer, SlabAppender
 from .records import spatial6
 from .safety import fsync, write_atomically
 
@@ -29,6 +29,7 @@ class BanHdf5Writer(JournalWriter):
 
     output_name = "ban"
     int_ids = True
+    slab_bytes = Hdf5Writer.slab_bytes
 
     @staticmethod
     def stem(folder: str) -> str:
@@ -42,7 +43,7 @@ class BanHdf5Writer(JournalWriter):
     def merge(cls, output_dir, world_size):
         import h5py
 
-        counts = [r["num_bbox"] for r in cls.journaled(output_dir, world_size)]
+        counts = [r["num_bbox"] for r in cls.journaled(output_dir, world_size, keys=("num_bbox",))]
         fixed = len(set(counts)) == 1
         folder = os.path.join(output_dir, cls.output_name)
         os.makedirs(folder, exist_ok=True)
@@ -50,16 +51,17 @@ class BanHdf5Writer(JournalWriter):
         tmp = stem + ".hdf5.tmp"
         ids, sizes = [], []
         with h5py.File(tmp, "w") as f:
-            for record in cls.journaled(output_dir, world_size):
-                columns = {
-                    "image_features": np.asarray(record["x"], np.float32),
-                    "image_bb": np.asarray(record["bbox"], np.float32),
-                    "spatial_features": spatial6(record),
-                }
-                for name, rows in columns.items():
-                    append_rows(f, name, rows[None] if fixed else rows)
-                ids.append(int(record["image_id"]))
-                sizes.append((record["image_h"], record["image_w"]))
+            with SlabAppender(f, cls.slab_bytes) as appender:
+                for record in cls.journaled(output_dir, world_size):
+                    columns = {
+                        "image_features": np.asarray(record["x"], np.float32),
+                        "image_bb": np.asarray(record["bbox"], np.float32),
+                        "spatial_features": spatial6(record),
+                    }
+                    for name, rows in columns.items():
+                        appender.add(name, rows[None] if fixed else rows)
+                    ids.append(int(record["image_id"]))
+                    sizes.append((record["image_h"], record["image_w"]))
             if not fixed:
                 ends = np.cumsum(counts)
                 f.create_dataset("pos_boxes", data=np.stack([ends - counts, ends], 1).astype(np.int32))

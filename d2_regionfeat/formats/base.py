@@ -205,7 +205,7 @@ class JournalWriter(FeatureWriter):
         self.journal.close()
 
     @classmethod
-    def journaled(cls, output_dir: str, world_size: int) -> Iterator[Dict]:
-        """The records of every rank's journal, in rank order."""
+    def journaled(cls, output_dir: str, world_size: int, keys=None) -> Iterator[Dict]:
+        """The records of every rank's journal (only ``keys``, if given), in rank order."""
         for part in cls.parts(output_dir, world_size):
-            yield from RecordJournal.records(part)
+            yield from RecordJournal.records(part, keys)

@@ -1,5 +1,6 @@
 """``hdf5``: our own HDF5 file, flat per-region columns and an offsets index."""
 import os
+from collections import defaultdict
 
 import numpy as np
 
@@ -22,6 +23,38 @@ def append_rows(f, name, rows):
     column[begin:] = rows
 
 
+class SlabAppender:
+    """
+    Rows for the resizable datasets of an open HDF5 file, gathered and appended with
+    :func:`append_rows` once they reach ``slab_bytes``: one resize and write a slab rather
+    than one a record (a merge holds at most one slab). Leaving its ``with`` block appends
+    the rest.
+    """
+
+    def __init__(self, f, slab_bytes: int):
+        self.f, self.slab_bytes = f, slab_bytes
+        self.rows, self.bytes = defaultdict(list), 0
+
+    def add(self, name: str, rows: np.ndarray):
+        """Rows (n, ...) for dataset ``name``, in order."""
+        self.rows[name].append(rows)
+        self.bytes += rows.nbytes
+        if self.bytes >= self.slab_bytes:
+            self.flush()
+
+    def flush(self):
+        for name, parts in self.rows.items():
+            append_rows(self.f, name, np.concatenate(parts))
+        self.rows, self.bytes = defaultdict(list), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.flush()
+
+
 @register_format("hdf5")
 class Hdf5Writer(JournalWriter):
     """
@@ -42,18 +75,15 @@ class Hdf5Writer(JournalWriter):
         target = os.path.join(output_dir, cls.output_name)
         tmp = target + ".tmp"
         per_image = {key: [] for key in PER_IMAGE_KEYS}
-        slab, slab_bytes = [], 0
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = cls.version
-            for record in cls.journaled(output_dir, world_size):
-                for key, values in per_image.items():
-                    values.append(record[key])
-                slab.append(record)
-                slab_bytes += record["x"].nbytes
-                if slab_bytes >= cls.slab_bytes:
-                    cls._append(f, slab)
-                    slab, slab_bytes = [], 0
-            cls._append(f, slab)
+            with SlabAppender(f, cls.slab_bytes) as columns:
+                for record in cls.journaled(output_dir, world_size):
+                    for key, values in per_image.items():
+                        values.append(record[key])
+                    for key in PER_REGION_KEYS:
+                        if key in record:
+                            columns.add(key, record[key])
             f.create_dataset("image_id", data=per_image.pop("image_id"), dtype=h5py.string_dtype())
             for key, values in per_image.items():
                 f.create_dataset(key, data=np.array(values, dtype=np.int64))
@@ -61,13 +91,6 @@ class Hdf5Writer(JournalWriter):
             f.create_dataset("offsets", data=offsets)
         fsync(tmp)
         os.replace(tmp, target)
-
-    @staticmethod
-    def _append(f, records):
-        """Append the regions of ``records`` to the per-region columns of ``f``."""
-        for key in PER_REGION_KEYS:
-            if records and key in records[0]:
-                append_rows(f, key, np.concatenate([r[key] for r in records]))
 
     @classmethod
     def read(cls, path):

@@ -82,19 +82,24 @@ def encode_npz(record: Dict, keys=RECORD_KEYS) -> bytes:
     return buffer.getvalue()
 
 
-def from_npz(npz) -> Dict:
-    """The record in an open npz of :data:`RECORD_KEYS` (``np.load`` result)."""
-    record = {key: npz[key] for key in npz.files}
-    record["image_id"] = str(record["image_id"])
+def from_npz(npz, keys=None) -> Dict:
+    """
+    The record in an open npz of :data:`RECORD_KEYS` (``np.load`` result); only its ``keys``
+    that are there, if given (each array read costs).
+    """
+    record = {key: npz[key] for key in npz.files if keys is None or key in keys}
+    if "image_id" in record:
+        record["image_id"] = str(record["image_id"])
     for key in SCALAR_KEYS:
-        record[key] = int(record[key])
+        if key in record:
+            record[key] = int(record[key])
     return record
 
 
-def decode_npz(data: bytes) -> Dict:
-    """The record in npz bytes (as :func:`encode_npz` makes)."""
+def decode_npz(data: bytes, keys=None) -> Dict:
+    """The record in npz bytes (as :func:`encode_npz` makes); only ``keys``, if given."""
     with np.load(io.BytesIO(data)) as npz:
-        return from_npz(npz)
+        return from_npz(npz, keys)
 
 
 def npy_bytes(value, allow_pickle=False) -> bytes:

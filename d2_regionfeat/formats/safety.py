@@ -200,7 +200,7 @@ class RecordJournal:
         fsync(self.path)
 
     @staticmethod
-    def records(path: str):
-        """The records in a journal, decoded, in order."""
+    def records(path: str, keys=None):
+        """The records in a journal, decoded (only ``keys``, if given), in order."""
         for _, payload in _journal_frames(path):
-            yield decode_npz(payload)
+            yield decode_npz(payload, keys)
