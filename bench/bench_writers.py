@@ -6,7 +6,12 @@ does), then read back with ``d2_regionfeat.io.read_features``; MB/s (of the reco
 and records/s of each, and the size on disk. The full setting is the issue's: 10 000 records,
 N = 36, D = 2048 (3 GB of features per layout, one layout on disk at a time).
 
-    python bench/bench_writers.py [--records 10000] [--regions 36] [--dim 2048]
+Then each layout's share of an extraction: ``extract_net`` with the shipped model over
+--share-images images, one layout at a time; seconds in the writers (write in their thread,
+close and merge at the end) over the wall time after start-up, and the model's busy
+fraction (targets: < 5 % and >= 0.95).
+
+    python bench/bench_writers.py [--records 10000] [--regions 36] [--dim 2048] [--share-images 200]
 """
 import os
 import shutil
@@ -15,7 +20,7 @@ import time
 
 import numpy as np
 
-from common import parser, report
+from common import parser, report, run_child, shipped_model, write_images
 from d2_regionfeat.extraction.manifest import write_manifest
 from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError
 from d2_regionfeat.io import read_features
@@ -63,6 +68,21 @@ def bench_layout(name, maker, count, folder):
     return row
 
 
+def extraction_shares(formats, count, work, device):
+    """Rows of each layout's share of an extract_net run over ``count`` images."""
+    config = shipped_model(work)
+    images = write_images(os.path.join(work, "shapes"), count)
+    rows = []
+    for name in formats:
+        out = os.path.join(work, "out")
+        run = run_child(["extract_runs.py", "extract", "--config", config, "--images", images,
+                         "--output", out, "--device", device, "--formats", name])
+        shutil.rmtree(out)
+        rows.append({"format": name, "images": run["images"], "writers_s": run["writer_s"],
+                     "run_s": run["run_s"], "share": run["writer_s"] / run["run_s"], "busy": run["busy"]})
+    return rows
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--records", type=int, default=1000)
@@ -72,6 +92,7 @@ def main():
         "--classes", type=int, default=80, help="K: records hold cls_prob (N, K+1), which uniter needs"
     )
     p.add_argument("--formats", default=",".join(WRITERS), help="layouts (default: every registered one)")
+    p.add_argument("--share-images", type=int, default=200, help="images for the shares (0: skip)")
     p.add_argument("--work", help="folder to write in (default: a temporary one)")
     args = p.parse_args()
     maker = RecordMaker(args.regions, args.dim, args.classes)
@@ -81,6 +102,8 @@ def main():
             folder = os.path.join(work, name)
             rows.append(bench_layout(name, maker, args.records, folder))
             shutil.rmtree(folder)
+        shares = extraction_shares(args.formats.split(","), args.share_images, work, args.device) \
+            if args.share_images else []
     megabytes = args.records * RecordMaker.payload_bytes(maker(0)) / 1e6
     print(f"writers, {args.records} records of {args.regions} x {args.dim} float32 ({megabytes:.0f} MB), "
           "write + merge, then read back")
@@ -90,6 +113,11 @@ def main():
          "disk_MB"],
         {"regions": args.regions, "dim": args.dim, "classes": args.classes}, args.results,
     )
+    if shares:
+        print(f"writers' share of extract_net's wall time after start-up, shipped model, "
+              f"{args.share_images} images, one layout a run (target < 5 %; busy >= 0.95)")
+        report("writer_shares", shares, ["format", "images", "writers_s", "run_s", "share", "busy"],
+               {"device": args.device}, args.results)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,13 @@ def test_memory_and_merges_under_a_cap(run_bench):
 
 
 def test_writers(run_bench):
-    rows = run_bench("bench_writers.py", "--records", 6, "--regions", 3, "--dim", 8)["writers"]["rows"]
+    args = ["--records", 6, "--regions", 3, "--dim", 8]
+    rows = run_bench("bench_writers.py", *args, "--share-images", 0)["writers"]["rows"]
     assert [r["format"] for r in rows] == list(WRITERS) and all(r["records"] == 6 for r in rows)
+    shares = run_bench("bench_writers.py", *args, "--formats", "npz,ban_hdf5", "--share-images", 2)
+    shares = shares["writer_shares"]["rows"]
+    assert [r["format"] for r in shares] == ["npz", "ban_hdf5"]
+    assert all(r["images"] == 2 and 0 < r["share"] < 1 and 0 < r["busy"] <= 1 for r in shares)
 
 
 def test_amp(run_bench):
