@@ -13,6 +13,7 @@ from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
 from d2_regionfeat.extraction.runner import BatchExtractor, prepare_job
 from d2_regionfeat.modeling.given_boxes import regions_for_boxes
+from d2_regionfeat.modeling.heads import _autocast_enabled
 from helpers import build, inputs, make_cfg
 from PIL import Image
 
@@ -106,3 +107,19 @@ def test_amp_features_of_given_boxes_are_float32s(cfg, images):
                 amp = regions_for_boxes(extractor.model, batched, [record["bbox"]])[0].box_features
         cosines += torch.nn.functional.cosine_similarity(reference.double(), amp.double()).tolist()
     assert len(cosines) > 5 and min(cosines) >= 0.999
+
+
+def test_autocast_query_on_a_torch_without_device_argument(monkeypatch):
+    """Older torch: ``is_autocast_enabled()`` takes no device, CPU has a query of its own."""
+    with_device = torch.is_autocast_enabled
+
+    def without_device(*device_type):
+        if device_type:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return with_device("cuda")
+
+    for enabled in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            monkeypatch.setattr(torch, "is_autocast_enabled", without_device)
+            assert _autocast_enabled("cpu") is enabled
+            monkeypatch.undo()  # torch.autocast itself asks with a device

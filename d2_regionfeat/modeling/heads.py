@@ -36,6 +36,13 @@ from .predictor import feature_predictor_like
 from .vocabulary import register_vocabularies
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument, and a query of its own for CPU
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 @contextmanager
 def float32_regions(features: Dict[str, torch.Tensor]):
     """
@@ -43,7 +50,7 @@ def float32_regions(features: Dict[str, torch.Tensor]):
     maps given (name -> (N, C, H, W)) are yielded in float32 (the same dict without autocast).
     """
     device = next(iter(features.values())).device.type
-    if not torch.is_autocast_enabled(device):
+    if not _autocast_enabled(device):
         yield features
         return
     with torch.autocast(device, enabled=False):
