@@ -1,7 +1,7 @@
 """
 The model side of d2_regionfeat: the ``MODEL.REGION_FEATURES`` / ``MODEL.ROI_ATTRIBUTE_HEAD``
 config (:mod:`.config`), the Feature ROI heads (:mod:`.heads`) and box predictors
-(:mod:`.predictor`), per-image selection (:mod:`.selection`), the attribute head
+(:mod:`.predictor`), what they emit (:mod:`.outputs`), per-image selection (:mod:`.selection`), the attribute head
 (:mod:`.attributes`), the backbones (:mod:`.backbone`), the meta-architecture
 (:mod:`.meta_arch`), the ports' checkpoint hook (:mod:`.checkpoint`), vocabulary files
 (:mod:`.vocabulary`), features of given boxes (:mod:`.given_boxes`) and the accounting of
@@ -15,6 +15,7 @@ from .backbone import build_narrow_resnet_fpn_backbone, build_resnet_caffe_maxpo
 from .config import add_regionfeat_config
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
+from .outputs import RegionOutputs, region_outputs
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,
     FeatureFastRCNNOutputLayers,
@@ -33,6 +34,8 @@ __all__ = [
     "FeatureCascadeROIHeads",
     "FeatureFastRCNNOutputLayers",
     "RegionPredictions",
+    "RegionOutputs",
+    "region_outputs",
     "ROI_BOX_PREDICTOR_REGISTRY",
     "build_box_predictor",
 ]

@@ -32,6 +32,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from .attributes import attribute_fields
 from .checkpoint import register_checkpoint_conversion
 from .config import region_features_node
+from .outputs import RegionOutputs
 from .predictor import feature_predictor_like
 from .vocabulary import register_vocabularies
 
@@ -101,6 +102,18 @@ class RegionFeatureHeadsMixin:
     @property
     def feature_predictor(self):
         return self.box_predictor
+
+    def region_outputs(self) -> RegionOutputs:
+        """What every output ``Instances`` carries (see :mod:`d2_regionfeat.modeling.outputs`)."""
+        predictor = self.feature_predictor
+        return RegionOutputs(
+            # "pooled": the channels of the maps pooled, which the first call tells
+            feature_dim=predictor.cls_score.in_features if self.region_source == "box_head" else None,
+            num_classes=predictor.num_classes,
+            class_probs=predictor.class_probs,
+            num_attributes=predictor.attr_score.out_features - 1 if predictor.attribute_on else 0,
+            selection=predictor.selection,
+        )
 
     def _pool(self, features, boxes):
         return self.box_pooler([features[f] for f in self.box_in_features], boxes)

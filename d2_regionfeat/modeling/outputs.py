@@ -1,0 +1,68 @@
+"""
+What a region-feature model emits: the one statement of it, asked of the built model.
+
+Every consumer (the extraction run, the layouts' checks, the tools, the docs' tables) calls
+:func:`region_outputs` on a built model instead of working the fields out again from config
+keys. The ROI heads answer through their ``region_outputs()`` method.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RegionOutputs:
+    """
+    The fields every output ``Instances`` of the model carries at inference (M regions,
+    D feature size, K classes, A attributes), beside detectron2's ``pred_boxes``, ``scores``
+    and ``pred_classes``.
+
+    Attributes:
+        feature_dim: D of ``box_features`` (M, D); None when only the first call tells
+            (a ``SOURCE_MODULE`` whose width its type does not state).
+        num_classes: K.
+        class_probs: whether ``class_probs`` (M, K+1) is there (background last).
+        num_attributes: A; 0 when there is no attribute head, else ``attr_probs``
+            (M, A+1, "no attribute" last), ``attrs_id`` (M,) and ``attrs_conf`` (M,) are there.
+        selection: how the regions were chosen (``MODEL.REGION_FEATURES.SELECTION``).
+    """
+
+    feature_dim: Optional[int]
+    num_classes: int
+    class_probs: bool
+    num_attributes: int = 0
+    selection: str = "detections"
+
+    @property
+    def attributes(self) -> bool:
+        return self.num_attributes > 0
+
+    def instance_fields(self) -> Dict[str, str]:
+        """Field name -> its shape, of every region field the model adds."""
+        d = "D" if self.feature_dim is None else str(self.feature_dim)
+        fields = {"box_features": f"(M, {d})", "proposal_index": "(M,)"}
+        if self.class_probs:
+            fields["class_probs"] = f"(M, {self.num_classes + 1})"
+        if self.attributes:
+            fields.update(
+                attr_probs=f"(M, {self.num_attributes + 1})", attrs_id="(M,)", attrs_conf="(M,)"
+            )
+        return fields
+
+
+def region_outputs(model: nn.Module) -> RegionOutputs:
+    """
+    What ``model`` (a built meta-architecture, or its ROI heads) emits.
+
+    Raises:
+        ValueError: the model's ROI heads give no region features (one line).
+    """
+    heads = getattr(model, "roi_heads", model)
+    answer = getattr(heads, "region_outputs", None)
+    if answer is None:
+        raise ValueError(
+            f"{type(heads).__name__} gives no region features: build the model from a config "
+            "passed through d2_regionfeat.enable_region_features"
+        )
+    return answer()

@@ -1,0 +1,31 @@
+"""The statement of what a model emits (region_outputs) matches what its outputs carry."""
+import pytest
+import torch
+
+from d2_regionfeat import region_outputs
+from helpers import build, inputs, make_cfg
+
+
+@pytest.mark.parametrize("kind,attributes", [("fpn", False), ("c4", True)])
+def test_region_outputs_state_the_fields_and_shapes_of_the_outputs(kind, attributes):
+    cfg = make_cfg(kind, selection="regions")
+    if attributes:
+        cfg.MODEL.ATTRIBUTE_ON = True
+        cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES = 5
+    model = build(cfg)
+    stated = region_outputs(model)
+    with torch.no_grad():
+        out = model(inputs((3, 160, 200)))[0]["instances"]
+    assert stated.num_classes == 3 and stated.class_probs and stated.selection == "regions"
+    assert stated.num_attributes == (5 if attributes else 0)
+    fields = stated.instance_fields()
+    assert set(fields) == set(out.get_fields()) - {"pred_boxes", "scores", "pred_classes", "pred_masks"}
+    for name, shape in fields.items():
+        value = out.get(name)
+        assert shape == ("(M,)" if value.dim() == 1 else f"(M, {value.shape[1]})"), name
+
+
+def test_region_outputs_of_a_plain_model_is_a_one_line_error():
+    model = build(make_cfg("fpn", feature=False), wild=True)
+    with pytest.raises(ValueError, match="StandardROIHeads gives no region features"):
+        region_outputs(model)
