@@ -452,3 +452,52 @@ def test_two_processes_equal_one(model, image_set, reference, tmp_path):
     assert not (out / "parts").exists()
     (out / "manifest.json").write_text(json.dumps(dict(manifest, world_size=1), indent=2, sort_keys=True) + "\n")
     assert_same_output(out, reference.out)
+
+
+def test_class_names_file_reaches_the_manifest_and_oscar(model, image_set, tmp_path):
+    """MODEL.REGION_FEATURES.CLASS_NAMES_FILE: the names are in manifest.json and the oscar labels."""
+    vocab = tmp_path / "objects_vocab.txt"
+    vocab.write_text("red ball,ball\ntable, desk\nsky\n")
+    out = tmp_path / "out"
+    result = run_tool(*tool_args(
+        model, image_set, out, "--limit", "2", "MODEL.REGION_FEATURES.CLASS_NAMES_FILE", str(vocab),
+        "DATASETS.TEST", "('mydata',)", formats=["oscar", "npz"],
+    ))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = ["red ball", "table", "sky"]
+    assert manifest["class_names"] == names and "class_names_missing" not in manifest
+    assert manifest["region_fields"]["class_probs"] == "(M, 4)"
+    npz = by_id(read_features(str(out), "npz"))
+    for line in (out / "oscar" / "labels.tsv").read_text().splitlines():
+        image_id, labels = line.split("\t")
+        assert [label["class"] for label in json.loads(labels)] == [
+            names[c] for c in npz[image_id]["objects_id"]]
+
+
+def test_butd_selection_feeds_uniter_without_class_probs_key(model, image_set, tmp_path):
+    """SELECTION butd gives class probabilities (its model says so) even with CLASS_PROBS False;
+    only "detections" without CLASS_PROBS is refused, and a model without names says so."""
+    out = tmp_path / "out"
+    result = run_tool(*tool_args(
+        model, image_set, out, "--limit", "2", "MODEL.REGION_FEATURES.SELECTION", "butd",
+        "MODEL.REGION_FEATURES.CLASS_PROBS", "False", "MODEL.META_ARCHITECTURE", "RegionFeatureRCNN", formats=["uniter", "oscar", "npz"],
+    ))
+    assert result.returncode == 0, result.stderr
+    npz = by_id(read_features(str(out), "npz"))
+    uniter = by_id(read_features(str(out), "uniter"))
+    assert sorted(uniter) == sorted(i for i, r in npz.items() if r["num_bbox"])
+    for image_id, record in uniter.items():
+        np.testing.assert_array_equal(record["cls_prob"], npz[image_id]["cls_prob"].astype(np.float16))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["class_names"] is None and "CLASS_NAMES_FILE" in manifest["class_names_missing"]
+    for line in (out / "oscar" / "labels.tsv").read_text().splitlines():
+        image_id, labels = line.split("\t")
+        assert [label["class"] for label in json.loads(labels)] == [
+            f"class_{c}" for c in npz[image_id]["objects_id"]]
+
+    refused = run_tool(*tool_args(
+        model, image_set, tmp_path / "refused", "MODEL.REGION_FEATURES.SELECTION", "detections",
+        formats=["uniter"],
+    ))
+    assert refused.returncode == 2 and "--format uniter needs class probabilities" in refused.stderr

@@ -33,6 +33,7 @@ from d2_regionfeat.data.synthetic import (  # noqa: E402
     CLASSES,
 )
 from d2_regionfeat.default_model import get_default_model_cfg  # noqa: E402
+from d2_regionfeat.modeling.vocabulary import vocabularies  # noqa: E402
 
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
@@ -103,6 +104,19 @@ def attribute_words(attr_prob, threshold):
     return words
 
 
+def class_names(cfg):
+    """The model's class names (MODEL.REGION_FEATURES.CLASS_NAMES_FILE ...), else the shapes'."""
+    return vocabularies(cfg).class_names or list(CLASSES)
+
+
+def region_label(regions, i, names, attribute_threshold):
+    """The label of region ``i``: its attributes, class name and score ("large red star 0.97")."""
+    words = (
+        attribute_words(regions["attr_prob"][i], attribute_threshold) if "attr_prob" in regions else []
+    )
+    return " ".join([*words, names[regions["objects_id"][i]], f"{regions['objects_conf'][i]:.2f}"])
+
+
 def pca_2d(features):
     """(N, D) -> (N, 2): projection on the two main principal axes."""
     centered = features - features.mean(axis=0, keepdims=True)
@@ -114,9 +128,9 @@ def class_color(class_id):
     return np.array(CLASS_COLORS[class_id]) / 255.0
 
 
-def draw_overview(images, regions, names, output_file, attribute_threshold):
+def draw_overview(images, regions, names, output_file, attribute_threshold, classes=CLASSES):
     """
-    Images with their boxes in a grid, and the PCA of all region features beside them; the
+    Images (named ``names``) with their boxes, labelled with the ``classes`` names, in a grid, and the PCA of all region features beside them; the
     boxes' labels name the attributes of at least ``attribute_threshold`` when there are any.
     """
     columns = min(3, len(images))
@@ -126,15 +140,10 @@ def draw_overview(images, regions, names, output_file, attribute_threshold):
     for i, (image, r, name) in enumerate(zip(images, regions, names)):
         ax = fig.add_subplot(grid[i // columns, i % columns])
         ax.imshow(image)
-        for i, ((x1, y1, x2, y2), c, s) in enumerate(
-            zip(r["bbox"], r["objects_id"], r["objects_conf"])
-        ):
+        for i, ((x1, y1, x2, y2), c) in enumerate(zip(r["bbox"], r["objects_id"])):
             color = class_color(c)
-            words = (
-                attribute_words(r["attr_prob"][i], attribute_threshold) if "attr_prob" in r else []
-            )
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, lw=2))
-            ax.text(x1, y1, " ".join([*words, CLASSES[c], f"{s:.2f}"]), fontsize=7, color="white",
+            ax.text(x1, y1, region_label(r, i, classes, attribute_threshold), fontsize=7, color="white",
                     va="bottom",
                     bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
         ax.set_title(f"{name}: {int(r['num_bbox'])} regions", fontsize=9)
@@ -144,7 +153,7 @@ def draw_overview(images, regions, names, output_file, attribute_threshold):
     classes = np.concatenate([r["objects_id"] for r in regions])
     if len(features) >= 2:
         points = pca_2d(features)
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(classes):
             chosen = classes == c
             ax.scatter(points[chosen, 0], points[chosen, 1], s=30, color=class_color(c),
                        label=f"{name} ({chosen.sum()})", edgecolors="k", linewidths=0.3)
@@ -175,7 +184,7 @@ def main():
         regions.append(r)
         names.append(name)
     overview = os.path.join(args.output, "overview.png")
-    draw_overview(images, regions, names, overview, args.attribute_threshold)
+    draw_overview(images, regions, names, overview, args.attribute_threshold, class_names(cfg))
     print(f"\nWrote {len(names)} feature files (.npz) to {os.path.abspath(args.output)}/")
     print(f"Wrote the overview (detections and PCA of the features) to {os.path.abspath(overview)}")
 

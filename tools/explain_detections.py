@@ -8,6 +8,10 @@ top-k limit and postprocessing remove.
     python tools/explain_detections.py --config-file CFG --input IMG [IMG ...] \
         [--thresh 0.5] [--json] [--opts MODEL.WEIGHTS model.pth ...]
 
+Classes are named by the model's names (MODEL.REGION_FEATURES.CLASS_NAMES_FILE, else the
+thing_classes of its test dataset; ``class_<index>`` without names): ``class_name`` beside
+each ``class`` in the JSON.
+
 A config with plain ROI heads (StandardROIHeads, Res5ROIHeads, CascadeROIHeads) is switched
 to their Feature versions, which give the same detections.
 """
@@ -16,12 +20,12 @@ import json
 import sys
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
 from d2_regionfeat.modeling.config import use_feature_heads
 from d2_regionfeat.modeling.explain import explain_detections, format_report
 from d2_regionfeat.modeling.given_boxes import RegionPredictor
+from d2_regionfeat.modeling.vocabulary import vocabularies
 
 
 def parse_args(argv=None):
@@ -41,19 +45,21 @@ def main(argv=None):
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    names = vocabularies(cfg)
     predictor = RegionPredictor(use_feature_heads(cfg))
     reports = {}
     for path in args.input:
         inputs = predictor.model_inputs(read_image(path, format=cfg.INPUT.FORMAT))
         (reports[path],) = explain_detections(predictor.model, [inputs], args.thresh)
     if args.json:
+        for report in reports.values():
+            for item in report["removed_by_nms"]:
+                item["class_name"] = names.class_name(item["class"])
         print(json.dumps(reports, indent=1))
     else:
-        # Names from the test dataset's metadata (MODEL.REGION_FEATURES.CLASS_NAMES_FILE).
-        names = None
-        if cfg.DATASETS.TEST:
-            names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
-        print("\n\n".join(format_report(report, path, names) for path, report in reports.items()))
+        print("\n\n".join(
+            format_report(report, path, names.class_names) for path, report in reports.items()
+        ))
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
     outputs.no_regions.add([dict(e, reason=NO_REGIONS, left_out_of=formats) for e in unseen])
     outputs.close()
 
-    counts = merge_outputs(output_dir, formats, 1)
+    counts = merge_outputs(output_dir, formats, 1, source_manifest.get("class_names"))
     source_counts = source_manifest["counts"]
     manifest = read_manifest(output_dir)
     manifest.update(

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
 from detectron2.data.samplers import InferenceSampler
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.utils import comm
@@ -40,6 +39,8 @@ from ..formats import (
 )
 from ..modeling.config import region_features_node
 from ..modeling.heads import RegionFeatureHeadsMixin
+from ..modeling.outputs import RegionOutputs, region_outputs
+from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies, vocabularies
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
 from .manifest import (
     MANIFEST_VERSION,
@@ -67,6 +68,10 @@ class ExtractionJob:
     items: List[ImageItem]
     output_dir: str
     formats: List[str]
+    # what the model emits, asked of it (see modeling/outputs.py)
+    emits: RegionOutputs
+    # its class and attribute names, known before the manifest is written
+    names: Vocabularies
     batch_size: int = 4
     num_workers: int = 2
     fp16: bool = False
@@ -131,7 +136,9 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     unknown = [f for f in formats if f not in WRITERS]
     if unknown or not formats:
         raise ExtractionError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
-    _check_needs(cfg, formats)
+    emits = _region_outputs(cfg)
+    _check_needs(emits, formats)
+    names = vocabularies(cfg)
     weights = _local_weights(cfg)
     items = list_inputs(source, image_root, limit, id_mode)
     if not items:
@@ -151,38 +158,55 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
         "id": id_mode,
-        "class_names": _class_names(cfg),
+        "class_names": names.class_names,
+        "attribute_names": names.attribute_names,
+        "region_fields": emits.instance_fields(),
         "amp": bool(options.get("amp", False)),
         "world_size": world_size,
         "input": source,
         "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
         "versions": package_versions(),
     }
+    if names.class_names is None:
+        manifest["class_names_missing"] = NO_NAMES_HINT
     complete = claim and claim_output_folder(output_dir, manifest, resume)["complete"]
     return ExtractionJob(
-        cfg=cfg, items=items, output_dir=output_dir, formats=formats, complete=complete, **options
+        cfg=cfg, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
+        complete=complete, **options
     )
 
 
-def _class_names(cfg) -> Optional[List[str]]:
+def _region_outputs(cfg) -> RegionOutputs:
     """
-    The ``thing_classes`` of the first test dataset that has one name per class of the
-    model (None if none does).
+    What the model of ``cfg`` emits, asked of it built once on the CPU without its weights
+    (what it emits does not depend on them): a second or two, before any process starts.
     """
-    for name in cfg.DATASETS.TEST:
-        names = MetadataCatalog.get(name).get("thing_classes")
-        if names and len(names) == cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            return list(names)
-    return None
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    try:
+        return region_outputs(build_model(cfg))
+    except ValueError as e:
+        raise ExtractionError(one_line(e))
 
 
-def _check_needs(cfg, formats):
-    """Refuse layouts that need class probabilities from a config that gives none."""
-    node = cfg.MODEL.REGION_FEATURES
-    class_probs = node.CLASS_PROBS or node.SELECTION == "regions"
+def _check_needs(emits: RegionOutputs, formats):
+    """Refuse layouts that need record keys the model does not emit."""
+    keys = record_keys(emits)
     for fmt in formats:
-        if "cls_prob" in WRITERS[fmt].needs and not class_probs:
-            raise ExtractionError(f"--format {fmt} needs {WRITERS[fmt].needs['cls_prob']}")
+        for key, hint in WRITERS[fmt].needs.items():
+            if key not in keys:
+                raise ExtractionError(f"--format {fmt} needs {hint}")
+
+
+def record_keys(emits: RegionOutputs) -> List[str]:
+    """The keys of the records (:mod:`d2_regionfeat.formats.records`) of a model emitting ``emits``."""
+    keys = ["image_id", "image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf"]
+    if emits.class_probs:
+        keys.append("cls_prob")
+    if emits.attributes:
+        keys += ["attrs_id", "attrs_conf", "attr_prob"]
+    return keys
 
 
 class BatchExtractor:
@@ -360,13 +384,13 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
 
 def _finish(job: ExtractionJob):
     """Rank 0, all ranks done: merge the parts, complete the manifest."""
-    counts = merge_outputs(job.output_dir, job.formats, comm.get_world_size())
+    counts = merge_outputs(job.output_dir, job.formats, comm.get_world_size(), job.names.class_names)
     manifest = read_manifest(job.output_dir)
     manifest.update(
         complete=True,
         counts=dict(counts, inputs=len(job.items), written=len(job.items) - counts["failed"]),
         feature_dim=feature_dim(job.output_dir, job.formats),
-        num_classes=int(job.cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+        num_classes=job.emits.num_classes,
     )
     write_manifest(job.output_dir, manifest)
     shutil.rmtree(os.path.join(job.output_dir, "parts"), ignore_errors=True)

@@ -6,7 +6,6 @@ import numpy as np
 
 from .base import JournalWriter, register_format
 from .records import b64, spatial6, unb64
-from .run import MANIFEST_NAME
 from .safety import fsync
 
 FILES = ("features.tsv", "features.lineidx", "labels.tsv", "labels.lineidx")
@@ -18,11 +17,11 @@ class OscarWriter(JournalWriter):
     ``<output>/oscar/``: ``features.tsv`` lines ``<image id>\\t<json {"num_boxes": N,
     "features": base64 of float32 (N, D+6), "image_h", "image_w"}>`` (each row the feature
     then spatial6), ``labels.tsv`` lines ``<image id>\\t<json [{"class", "conf", "rect"}]>``
-    (``class``: the class name, from the manifest's ``class_names``, else the class index
-    as text), and ``features.lineidx`` / ``labels.lineidx``: the byte offset of each line.
+    (``class``: the class name, or ``class_<index>`` for a model without names), and ``features.lineidx`` / ``labels.lineidx``: the byte offset of each line.
     """
 
     output_name = "oscar"
+    takes_class_names = True
 
     @classmethod
     def _lines(cls, record, class_names):
@@ -33,7 +32,7 @@ class OscarWriter(JournalWriter):
             "image_h": record["image_h"], "image_w": record["image_w"],
         }
         labels = [
-            {"class": class_names[c] if class_names else str(int(c)), "conf": float(s),
+            {"class": class_names[c] if class_names else f"class_{int(c)}", "conf": float(s),
              "rect": [float(v) for v in box]}
             for c, s, box in zip(record["objects_id"], record["objects_conf"], record["bbox"])
         ]
@@ -43,14 +42,12 @@ class OscarWriter(JournalWriter):
         )
 
     @classmethod
-    def merge(cls, output_dir, world_size):
+    def merge(cls, output_dir, world_size, class_names=None):
         folder = os.path.join(output_dir, cls.output_name)
         os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, name) for name in FILES]
         files = [open(p + ".tmp", "wb") for p in paths]
         positions = [0, 0]
-        with open(os.path.join(output_dir, MANIFEST_NAME)) as f:
-            class_names = json.load(f).get("class_names")
         with files[0], files[1], files[2], files[3]:
             for record in cls.journaled(output_dir, world_size):
                 for column, line in enumerate(cls._lines(record, class_names)):

@@ -15,7 +15,9 @@ key                value                    meaning
 ``objects_id``     (N,) int64               predicted class (0-based, background excluded)
 ``objects_conf``   (N,) float32             its score
 ``cls_prob``       (N, K+1) float32         class probabilities, background last; only when
-                                            the model gives them (CLASS_PROBS or "regions")
+                                            the model gives them (region_outputs(model)
+                                            .class_probs: every selection but
+                                            "detections", which needs CLASS_PROBS)
 ``attrs_id``       (N,) int64               best attribute (0-based); only with the
                                             attribute head
 ``attrs_conf``     (N,) float32             its probability; only with the attribute head

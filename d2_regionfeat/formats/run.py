@@ -2,7 +2,7 @@
 hold, store new records in each, log failures and images without regions, merge at the end."""
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .base import WRITERS
 from .records import LayoutIdError
@@ -92,14 +92,17 @@ def _count_lines(path):
         return sum(1 for _ in f)
 
 
-def merge_outputs(output_dir: str, formats: Sequence[str], world_size: int) -> Dict:
+def merge_outputs(output_dir: str, formats: Sequence[str], world_size: int,
+                  class_names: Optional[Sequence[str]] = None) -> Dict:
     """
-    Rank 0, all ranks closed: merge every layout and log. Returns the counts for the
+    Rank 0, all ranks closed: merge every layout and log; ``class_names`` (the model's, None
+    without) go to the layouts that write names. Returns the counts for the
     manifest: ``failed``, ``no_regions`` and ``left_out`` (layout -> images it lacks
     for having no region).
     """
     for fmt in formats:
-        WRITERS[fmt].merge(output_dir, world_size)
+        names = {"class_names": class_names} if WRITERS[fmt].takes_class_names else {}
+        WRITERS[fmt].merge(output_dir, world_size, **names)
     FailureLog.merge(output_dir, world_size)
     NoRegionsLog.merge(output_dir, world_size)
     no_regions = _count_lines(os.path.join(output_dir, NO_REGIONS_NAME))

@@ -7,8 +7,8 @@ from .base import PerImageFilesWriter, register_format
 from .records import background_first, encode_npz, spatial6
 
 CLASS_PROBS_HINT = (
-    "class probabilities: extract with MODEL.REGION_FEATURES.CLASS_PROBS True "
-    "(or MODEL.REGION_FEATURES.SELECTION regions)"
+    "class probabilities, which SELECTION detections gives only with "
+    "MODEL.REGION_FEATURES.CLASS_PROBS True"
 )
 
 

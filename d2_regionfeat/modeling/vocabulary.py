@@ -1,10 +1,37 @@
-"""Class and attribute names from vocabulary files, into detectron2's MetadataCatalog."""
-from typing import List
+"""
+Class and attribute names of a model: from its vocabulary files, else from detectron2's
+MetadataCatalog. :func:`vocabularies` is what a run, the explain tool and the demo ask, before
+any model is built; :func:`register_vocabularies` puts the files' names into the catalog.
+"""
+from dataclasses import dataclass
+from typing import List, Optional
 
 from detectron2.data import MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
 from .config import region_features_node
+
+# What to do when a model has names nowhere (the manifest and the README say it).
+NO_NAMES_HINT = (
+    "the model has no class names: set MODEL.REGION_FEATURES.CLASS_NAMES_FILE (one name per "
+    "line), or register thing_classes for a dataset of DATASETS.TEST"
+)
+
+
+@dataclass(frozen=True)
+class Vocabularies:
+    """
+    Attributes:
+        class_names: one per class (K), or None when the model has none.
+        attribute_names: one per attribute (A), or None.
+    """
+
+    class_names: Optional[List[str]] = None
+    attribute_names: Optional[List[str]] = None
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index``; ``class_<index>`` for a model without names."""
+        return self.class_names[index] if self.class_names else f"class_{int(index)}"
 
 
 def read_vocabulary(path: str) -> List[str]:
@@ -26,6 +53,45 @@ def read_vocabulary(path: str) -> List[str]:
     return names
 
 
+def _vocabulary_files(cfg):
+    """(catalog field, the file's names or None, count the model has) of classes, attributes."""
+    node = region_features_node(cfg)
+    files = (
+        ("CLASS_NAMES_FILE", "thing_classes", cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+        ("ATTRIBUTE_NAMES_FILE", "attribute_classes", cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES),
+    )
+    for key, field, expected in files:
+        names = None
+        if node[key]:
+            names = read_vocabulary(node[key])
+            if len(names) != expected:
+                raise ValueError(
+                    f"MODEL.REGION_FEATURES.{key} {node[key]!r} holds {len(names)} names; the model "
+                    f"has {expected}"
+                )
+        yield key, field, names, expected
+
+
+def vocabularies(cfg) -> Vocabularies:
+    """
+    The model's names: those of ``MODEL.REGION_FEATURES.CLASS_NAMES_FILE`` /
+    ``ATTRIBUTE_NAMES_FILE`` when set, else the ``thing_classes`` / ``attribute_classes`` of
+    the first dataset of ``DATASETS.TEST`` with one name per class (attribute) of the model.
+
+    Raises:
+        ValueError: a vocabulary file that cannot be read or has the wrong count.
+    """
+    found = {}
+    for _, field, names, expected in _vocabulary_files(cfg):
+        for dataset in cfg.DATASETS.TEST if names is None else ():
+            registered = MetadataCatalog.get(dataset).get(field)
+            if registered and len(registered) == expected:
+                names = list(registered)
+                break
+        found[field] = names
+    return Vocabularies(found["thing_classes"], found["attribute_classes"])
+
+
 def register_vocabularies(cfg):
     """
     Put the names of ``MODEL.REGION_FEATURES.CLASS_NAMES_FILE`` and ``ATTRIBUTE_NAMES_FILE``
@@ -33,20 +99,9 @@ def register_vocabularies(cfg):
     and ``attribute_classes``. Their counts must be ``MODEL.ROI_HEADS.NUM_CLASSES`` and
     ``MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES``.
     """
-    node = region_features_node(cfg)
-    files = (
-        ("CLASS_NAMES_FILE", "thing_classes", cfg.MODEL.ROI_HEADS.NUM_CLASSES),
-        ("ATTRIBUTE_NAMES_FILE", "attribute_classes", cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES),
-    )
-    for key, field, expected in files:
-        if not node[key]:
+    for key, field, names, _ in _vocabulary_files(cfg):
+        if names is None:
             continue
-        names = read_vocabulary(node[key])
-        if len(names) != expected:
-            raise ValueError(
-                f"MODEL.REGION_FEATURES.{key} {node[key]!r} holds {len(names)} names; the model "
-                f"has {expected}"
-            )
         for dataset in cfg.DATASETS.TEST:
             metadata = MetadataCatalog.get(dataset)
             if metadata.get(field, names) != names:

@@ -1,0 +1,50 @@
+"""
+The model's class names (MODEL.REGION_FEATURES.CLASS_NAMES_FILE) in what the tools write: the
+explain tool's JSON and the demo's labels (manifest and oscar: tests/test_extract_net.py).
+"""
+import importlib.util
+import json
+
+import numpy as np
+
+from d2_regionfeat.data.synthetic import CLASSES
+from d2_regionfeat.default_model import get_default_model_cfg
+from d2_regionfeat.modeling.vocabulary import vocabularies
+from test_extract_net import REPO, generated, model, save_bgr  # noqa: F401  (model is a fixture)
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_explain_json_names_classes(model, tmp_path, capsys):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("red ball\ntable\nsky\n")
+    save_bgr(tmp_path / "img.png", generated(7, 150, 190))
+    explain = load_tool("explain_detections")
+    argv = ["--config-file", str(model.yaml), "--input", str(tmp_path / "img.png"), "--thresh", "0.05",
+            "--json", "--opts", "MODEL.REGION_FEATURES.SELECTION", "detections",
+            "MODEL.REGION_FEATURES.CLASS_NAMES_FILE", str(vocab), "DATASETS.TEST", "('mydata',)"]
+    explain.main(argv)
+    (report,) = json.loads(capsys.readouterr().out).values()
+    assert report["removed_by_nms"]
+    for item in report["removed_by_nms"]:
+        assert item["class_name"] == ["red ball", "table", "sky"][item["class"]]
+    explain.main(argv[:-4])  # no names anywhere: said so
+    (report,) = json.loads(capsys.readouterr().out).values()
+    assert {i["class_name"] for i in report["removed_by_nms"]} <= {"class_0", "class_1", "class_2"}
+
+
+def test_demo_labels_use_the_class_names_file(tmp_path):
+    demo = load_tool("demo")
+    cfg = get_default_model_cfg("cpu")
+    assert demo.class_names(cfg) == list(CLASSES)
+    names = [f"thing{i}" for i in range(len(CLASSES))]
+    (tmp_path / "vocab.txt").write_text("\n".join(names) + "\n")
+    cfg.MODEL.REGION_FEATURES.CLASS_NAMES_FILE = str(tmp_path / "vocab.txt")
+    assert vocabularies(cfg).class_names == demo.class_names(cfg) == names
+    regions = {"objects_id": np.array([2, 0]), "objects_conf": np.array([0.97, 0.5], np.float32)}
+    assert demo.region_label(regions, 0, demo.class_names(cfg), 0.2) == "thing2 0.97"
