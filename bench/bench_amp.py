@@ -24,7 +24,7 @@ import torch
 from bench_extract import fpn_800
 from common import interleaved_medians, parser, report, save_model, shipped_model, synchronize, write_images
 from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
-from d2_regionfeat.extraction.runner import BatchExtractor
+from d2_regionfeat.extraction.model_call import BatchExtractor
 from detectron2.config import get_cfg
 
 IOU = 0.9

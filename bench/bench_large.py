@@ -25,7 +25,7 @@ from torch.autograd.profiler import record_function
 from bench_extract import COLUMNS, compare
 from bench_amp import load_inputs, model_cfg
 from common import parser, report, save_model, synchronize, write_images
-from d2_regionfeat.extraction.runner import BatchExtractor
+from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.formats import WRITERS
 from detectron2 import model_zoo
 from detectron2.config import get_cfg

@@ -3,15 +3,9 @@ Reading the feature files that ``tools/extract_net.py`` writes: every layout yie
 same per-image records (see :mod:`d2_regionfeat.formats.records`), without ever unpickling.
 The layouts live in :mod:`d2_regionfeat.formats`; this module keeps their reading API.
 """
-from .formats import (  # noqa: F401
-    FAILURES_NAME,
-    MANIFEST_NAME,
-    NO_REGIONS_NAME,
-    OUTPUT_NAMES,
-    READERS,
-    WriteOnlyLayoutError,
-    read_features,
-)
+from .extraction.manifest import MANIFEST_NAME  # noqa: F401
+from .extraction.run import FAILURES_NAME, NO_REGIONS_NAME, read_features  # noqa: F401
+from .formats import OUTPUT_NAMES, READERS, WriteOnlyLayoutError  # noqa: F401
 from .formats.records import RECORD_KEYS, decode_npz, encode_npz  # noqa: F401
 from .formats.tsv import TSV_FIELDNAMES, decode_tsv_line, encode_tsv_line  # noqa: F401
 

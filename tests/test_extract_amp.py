@@ -11,7 +11,8 @@ from d2_regionfeat.data.synthetic import render_image
 from d2_regionfeat.default_model import get_default_model_cfg
 from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
-from d2_regionfeat.extraction.runner import BatchExtractor, prepare_job
+from d2_regionfeat.extraction.job import prepare_job
+from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.modeling.given_boxes import regions_for_boxes
 from d2_regionfeat.modeling.heads import _autocast_enabled
 from helpers import build, inputs, make_cfg

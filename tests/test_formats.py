@@ -21,8 +21,9 @@ import consumers
 from d2_regionfeat.extraction.convert import ConversionError
 from d2_regionfeat.extraction.convert import convert as convert_in_process
 from d2_regionfeat.extraction.inputs import list_inputs
-from d2_regionfeat.extraction.runner import BatchExtractor
-from d2_regionfeat.formats import WRITERS, RunOutputs, WriteOnlyLayoutError, merge_outputs, read_features
+from d2_regionfeat.extraction.model_call import BatchExtractor
+from d2_regionfeat.extraction.run import RunOutputs, merge_outputs
+from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
 from d2_regionfeat.io import read_features as io_read_features
 from d2_regionfeat.modeling.config import region_features_node

@@ -53,7 +53,8 @@ import d2_regionfeat  # noqa: F401,E402  (registers the heads, adds MODEL.REGION
 from d2_regionfeat.extraction.inputs import ID_MODES, InputError  # noqa: E402
 from d2_regionfeat.extraction.launch import launch  # noqa: E402
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest  # noqa: E402
-from d2_regionfeat.extraction.runner import ExtractionError, extract, prepare_job  # noqa: E402
+from d2_regionfeat.extraction.job import ExtractionError, prepare_job  # noqa: E402
+from d2_regionfeat.extraction.pipeline import extract  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402

@@ -1,26 +1,15 @@
 """
 Turning a finished extraction into other layouts without the model: the work of
 ``tools/convert_features.py``. It is crash-safe and resumable as extraction is: the same
-writers, parts, logs and manifest (:mod:`d2_regionfeat.formats`).
+writers, parts, logs and manifest: the same run object (:class:`.run.RunFolder`).
 """
 import os
-import shutil
 from typing import Dict, List, Optional, Sequence
 
-from ..formats import (
-    FAILURES_NAME,
-    NO_REGIONS_NAME,
-    WRITERS,
-    LayoutIdError,
-    RunOutputs,
-    WriteOnlyLayoutError,
-    check_ids,
-    merge_outputs,
-    read_features,
-)
+from ..formats import WRITERS, LayoutIdError, WriteOnlyLayoutError, read_features
 from ..formats.records import int_id
-from ..formats.run import NO_REGIONS, read_log
-from .manifest import claim_output_folder, read_manifest, write_manifest
+from .manifest import read_manifest
+from .run import FAILURES_NAME, NO_REGIONS, NO_REGIONS_NAME, RunFolder, check_formats, check_ids, read_log
 
 # Source layouts, best first: complete records (class probabilities, images without
 # regions), in input order where possible.
@@ -87,10 +76,10 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
     source_manifest = read_manifest(in_dir)
     if not (source_manifest and source_manifest.get("complete")):
         raise ConversionError(f"{in_dir} holds no finished extraction (its manifest.json is missing or not complete)")
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in WRITERS]
-    if unknown or not formats:
-        raise ConversionError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
+    try:
+        formats = check_formats(formats)
+    except ValueError as e:
+        raise ConversionError(str(e))
     source = _source_format(source_manifest, in_dir, source_format)
 
     def records():
@@ -120,12 +109,13 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
     )
     for key in ("counts", "feature_dim"):
         manifest.pop(key, None)
-    if claim_output_folder(output_dir, manifest, resume)["complete"]:
+    run = RunFolder(output_dir, formats)
+    if run.claim(manifest, resume):
         return read_manifest(output_dir)
 
     failed = _log(in_dir, FAILURES_NAME, id_mode)
     no_regions = _log(in_dir, NO_REGIONS_NAME, id_mode)
-    outputs = RunOutputs(output_dir, formats, 0, 1, ids, {i: e["path"] for i, e in no_regions.items()})
+    outputs = run.outputs(0, 1, ids, {i: e["path"] for i, e in no_regions.items()})
     chunk, seen = [], set()
     for record in records():
         seen.add(record["image_id"])
@@ -140,17 +130,11 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
     outputs.no_regions.add([dict(e, reason=NO_REGIONS, left_out_of=formats) for e in unseen])
     outputs.close()
 
-    counts = merge_outputs(output_dir, formats, 1, source_manifest.get("class_names"))
     source_counts = source_manifest["counts"]
-    manifest = read_manifest(output_dir)
-    manifest.update(
-        complete=True,
-        counts=dict(counts, inputs=source_counts["inputs"], written=source_counts["written"]),
-        feature_dim=source_manifest.get("feature_dim"),
+    return run.finish(
+        1, source_manifest.get("class_names"), inputs=source_counts["inputs"],
+        written=source_counts["written"], feature_dim=source_manifest.get("feature_dim"),
     )
-    write_manifest(output_dir, manifest)
-    shutil.rmtree(os.path.join(output_dir, "parts"), ignore_errors=True)
-    return manifest
 
 
 def _log(in_dir, name, id_mode) -> Dict[str, Dict]:

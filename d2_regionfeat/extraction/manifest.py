@@ -10,8 +10,7 @@ import os
 import platform
 from importlib import metadata
 
-from ..formats import MANIFEST_NAME
-
+MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 # Manifest keys that must match for --resume to continue a folder, with their names in errors.
 IDENTITY_KEYS = {

@@ -7,9 +7,9 @@ Our own layouts: ``npz``, ``hdf5``, ``lmdb``, and ``tsv`` (LXMERT). Layouts that
 codebases' loaders read unchanged: ``butd_tsv``, ``openvqa``, ``openvqa_gqa``, ``uniter``,
 ``mmf``, ``vilbert``, ``ban_hdf5``, ``oscar``, ``visualbert``. Only ``mmf``, ``vilbert``
 and ``ban_hdf5`` write pickles (their readers' design); none is ever read back here.
-Crash safety is in :mod:`.safety`, the per-rank run logic in :mod:`.run`.
+Crash safety is in :mod:`.safety`; the bookkeeping of a run (manifest, logs, merge) is in
+:mod:`d2_regionfeat.extraction.run`.
 """
-import json
 import os
 from typing import Dict, Iterator, Optional
 
@@ -18,7 +18,6 @@ from . import npz, tsv, lmdb, hdf5  # noqa: F401,I001
 from . import butd_tsv, openvqa, uniter, mmf, vilbert, ban, oscar, visualbert  # noqa: F401,I001
 from .base import WRITERS, FeatureWriter, WriteOnlyLayoutError, register_format
 from .records import LayoutIdError, int_id
-from .run import FAILURES_NAME, MANIFEST_NAME, NO_REGIONS_NAME, RunOutputs, check_ids, merge_outputs
 
 # Where each layout lies in an output folder.
 OUTPUT_NAMES = {name: cls.output_name for name, cls in WRITERS.items()}
@@ -33,15 +32,16 @@ def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
     read without its pickle.
 
     Args:
-        path: an output folder (then ``fmt`` says which of its layouts; default its
-            first), an ``npz`` folder, a ``.tsv`` file, an ``.h5``/``.hdf5`` file, an LMDB
-            folder, or (with ``fmt``) the file or folder of any layout.
+        path: an output folder (then ``fmt`` says which of its layouts; default the first
+            of :data:`WRITERS` it holds; ``d2_regionfeat.io.read_features`` defaults to its
+            manifest's first), an ``npz`` folder, a ``.tsv`` file, an ``.h5``/``.hdf5``
+            file, an LMDB folder, or (with ``fmt``) the file or folder of any layout.
         fmt: one of :data:`WRITERS`; guessed from ``path`` when not given.
     """
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        if fmt is None:
-            with open(os.path.join(path, MANIFEST_NAME)) as f:
-                fmt = json.load(f)["formats"][0]
+    # the layouts of an output folder lie under their output names
+    held = [f for f, name in OUTPUT_NAMES.items() if os.path.exists(os.path.join(path, name))]
+    if fmt in held or (fmt is None and held):
+        fmt = fmt or held[0]
         path = os.path.join(path, OUTPUT_NAMES[fmt])
     elif fmt is None:
         if path.endswith(".tsv"):
@@ -57,6 +57,5 @@ def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
 
 __all__ = [
     "WRITERS", "READERS", "OUTPUT_NAMES", "FeatureWriter", "register_format", "read_features",
-    "RunOutputs", "merge_outputs", "check_ids", "LayoutIdError", "WriteOnlyLayoutError", "int_id",
-    "MANIFEST_NAME", "FAILURES_NAME", "NO_REGIONS_NAME",
+    "LayoutIdError", "WriteOnlyLayoutError", "int_id",
 ]

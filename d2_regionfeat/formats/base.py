@@ -102,6 +102,11 @@ class FeatureWriter:
         """Build the final output from the parts of all ranks (rank 0 only)."""
 
     @classmethod
+    def reads_back(cls) -> bool:
+        """Whether :meth:`read` reads the layout back (those holding pickles do not)."""
+        return cls.read.__func__ is not FeatureWriter.read.__func__
+
+    @classmethod
     def read(cls, path: str) -> Iterator[Dict]:
         """The records (with the keys the layout holds) of the layout at ``path``."""
         raise WriteOnlyLayoutError(

@@ -9,12 +9,11 @@ the final files, each replaced atomically. Parts are removed only once the run i
 complete, so a merge cut short is simply done again. Writes go to the OS without fsync
 (enough for a killed process); closing a part syncs it (for a crashed machine).
 """
-import json
 import os
 import shutil
 import struct
 import zlib
-from typing import Callable, Dict, Iterable, List, Set
+from typing import Callable, Iterable, List, Set
 
 from .records import decode_npz
 
@@ -109,46 +108,6 @@ class LineLog:
     def close(self):
         self.file.close()
         fsync(self.path)
-
-
-class JsonLinesLog(LineLog):
-    """
-    A rank's :class:`LineLog` of JSON objects with an ``image_id``, merged into
-    ``<output>/<stem>.jsonl``.
-    """
-
-    stem = ""
-
-    def __init__(self, output_dir: str, rank: int, world_size: int):
-        path = new_part(output_dir, self.stem, rank, world_size)
-        super().__init__(path, lambda line: json.loads(line)["image_id"])
-
-    def add(self, entries: List[Dict]):
-        self.append((json.dumps(e, ensure_ascii=False) + "\n").encode("utf-8") for e in entries)
-
-    @classmethod
-    def merge(cls, output_dir: str, world_size: int):
-        parts = [part_path(output_dir, cls.stem, r, world_size) for r in range(world_size)]
-        replace_with_copy(parts, os.path.join(output_dir, cls.stem + ".jsonl"))
-
-
-class FailureLog(JsonLinesLog):
-    """
-    The images a rank could not extract, as JSON lines ``{"image_id", "path", "reason"}``;
-    merged into ``<output>/failures.jsonl``.
-    """
-
-    stem = "failures"
-
-
-class NoRegionsLog(JsonLinesLog):
-    """
-    The images with no region, as JSON lines ``{"image_id", "path", "reason": "no regions",
-    "left_out_of": [layouts]}`` (the layouts of the run that do not hold such an image);
-    merged into ``<output>/no_regions.jsonl``.
-    """
-
-    stem = "no_regions"
 
 
 def _journal_frames(path: str, recover: bool = False):

@@ -1,0 +1,210 @@
+"""
+The job of an extraction (``tools/extract_net.py``): :func:`prepare_job` checks everything a
+run needs (config, weights, inputs, output folder, what the model emits against what the
+layouts need, the model's names) and writes the initial manifest before any process starts;
+:func:`finish` completes it once every rank is done; :func:`summary` is the end-of-run report.
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+
+from detectron2.config import CfgNode
+from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
+from detectron2.utils.file_io import PathManager
+
+from ..formats import WRITERS, LayoutIdError
+from ..modeling.config import region_features_node
+from ..modeling.heads import RegionFeatureHeadsMixin
+from ..modeling.outputs import RegionOutputs, region_outputs
+from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies, vocabularies
+from .inputs import ImageItem, list_inputs, one_line
+from .manifest import MANIFEST_VERSION, package_versions, sha256_file, sha256_text
+from .model_call import record_keys
+from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
+
+
+class ExtractionError(RuntimeError):
+    """A problem with the settings of a run, reported as one line."""
+
+
+@dataclass
+class ExtractionJob:
+    """Everything a rank needs; made by :func:`prepare_job`."""
+
+    cfg: CfgNode
+    items: List[ImageItem]
+    output_dir: str
+    formats: List[str]
+    # what the model emits, asked of it (see modeling/outputs.py)
+    emits: RegionOutputs
+    # its class and attribute names, known before the manifest is written
+    names: Vocabularies
+    batch_size: int = 4
+    num_workers: int = 2
+    fp16: bool = False
+    amp: bool = False
+    # The output folder already holds the finished run.
+    complete: bool = False
+
+
+def _local_weights(cfg):
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ExtractionError("MODEL.WEIGHTS is not set: give the checkpoint to extract with")
+    try:
+        path = PathManager.get_local_path(weights)
+    except Exception as e:  # any handler (http, detectron2://, ...) may fail its own way
+        raise ExtractionError(f"weights {weights} cannot be fetched ({one_line(e)})")
+    if not os.path.isfile(path):
+        raise ExtractionError(f"weights file {weights} not found")
+    return path
+
+
+def _config_sha256(cfg):
+    """Checksum of the config, less the keys that do not change the features' meaning."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = ""
+    cfg.MODEL.WEIGHTS = ""
+    return sha256_text(cfg.dump())
+
+
+def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
+                limit=0, claim=True, id_mode=None, **options) -> ExtractionJob:
+    """
+    Check a run's settings, list its inputs and claim its output folder (writing the
+    initial manifest there).
+
+    Args:
+        cfg: the frozen config of the model.
+        source, image_root, limit, id_mode: what to extract and its ids, see
+            :func:`inputs.list_inputs`.
+        formats: names in :data:`formats.WRITERS`.
+        world_size: the number of processes of the run (their parts are named by it).
+        resume: continue the run that made ``output_dir``.
+        claim: check and claim the output folder (the first machine of a run does; the
+            others' processes start only once it has).
+        options: the other fields of :class:`ExtractionJob`.
+
+    Raises:
+        ExtractionError, InputError, OutputFolderError: with a one-line message.
+    """
+    region_features_node(cfg)
+    try:
+        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    except KeyError:
+        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
+    if not issubclass(head, RegionFeatureHeadsMixin):
+        raise ExtractionError(
+            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
+            "use a Feature head (merge configs/region_features.yaml)"
+        )
+    try:
+        formats = check_formats(formats)
+    except ValueError as e:
+        raise ExtractionError(str(e))
+    emits = _region_outputs(cfg)
+    _check_needs(emits, formats)
+    names = vocabularies(cfg)
+    weights = _local_weights(cfg)
+    items = list_inputs(source, image_root, limit, id_mode)
+    if not items:
+        raise ExtractionError(f"--input {source} holds no images")
+    try:
+        check_ids(formats, [i.image_id for i in items if not i.error])
+    except LayoutIdError as e:
+        raise ExtractionError(f"--format {e}")
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "complete": False,
+        "config": cfg.dump(),
+        "config_sha256": _config_sha256(cfg),
+        "weights": cfg.MODEL.WEIGHTS,
+        "weights_sha256": sha256_file(weights),
+        "formats": formats,
+        "format_versions": {f: WRITERS[f].version for f in formats},
+        "fp16": bool(options.get("fp16", False)),
+        "id": id_mode,
+        "class_names": names.class_names,
+        "attribute_names": names.attribute_names,
+        "region_fields": emits.instance_fields(),
+        "amp": bool(options.get("amp", False)),
+        "world_size": world_size,
+        "input": source,
+        "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
+        "versions": package_versions(),
+    }
+    if names.class_names is None:
+        manifest["class_names_missing"] = NO_NAMES_HINT
+    complete = claim and RunFolder(output_dir, formats).claim(manifest, resume)
+    return ExtractionJob(
+        cfg=cfg, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
+        complete=complete, **options
+    )
+
+
+def _region_outputs(cfg) -> RegionOutputs:
+    """
+    What the model of ``cfg`` emits, asked of it built once on the CPU without its weights
+    (what it emits does not depend on them): a second or two, before any process starts.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    try:
+        return region_outputs(build_model(cfg))
+    except ValueError as e:
+        raise ExtractionError(one_line(e))
+
+
+def _check_needs(emits: RegionOutputs, formats):
+    """Refuse layouts that need record keys the model does not emit."""
+    keys = record_keys(emits)
+    for fmt in formats:
+        for key, hint in WRITERS[fmt].needs.items():
+            if key not in keys:
+                raise ExtractionError(f"--format {fmt} needs {hint}")
+
+
+
+
+def finish(job: ExtractionJob, world_size: int):
+    """Rank 0, all ranks done: merge the parts, complete the manifest."""
+    RunFolder(job.output_dir, job.formats).finish(
+        world_size, job.names.class_names, inputs=len(job.items), num_classes=job.emits.num_classes
+    )
+
+
+def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
+    """The end-of-run report: counts of this session and of the folder, regions, time."""
+    done = sum(s["done"] for s in stats)
+    regions = [n for s in stats for n in s["regions"]]
+    counts = manifest["counts"]
+    lines = [
+        f"Extraction summary: {output_dir} ({', '.join(manifest['formats'])})",
+        f"  this run   done {done}, skipped {sum(s['skipped'] for s in stats)} (already there), "
+        f"failed {sum(s['failed'] for s in stats)}",
+        f"  in folder  {counts['written']} of {counts['inputs']} images, {counts['failed']} failed"
+        + (f" (reasons in {FAILURES_NAME})" if counts["failed"] else ""),
+    ]
+    if counts.get("no_regions"):
+        left_out = ", ".join(counts["left_out"]) or "none"
+        lines.append(
+            f"  no regions {counts['no_regions']} images (listed in {NO_REGIONS_NAME}; left out of: "
+            f"{left_out}; --min-regions N gives every image N)"
+        )
+    if regions:
+        lines.append(
+            f"  regions    per image min {min(regions)}, mean {np.mean(regions):.1f}, max {max(regions)}"
+            f"; feature dim {manifest['feature_dim']}"
+        )
+    lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    model_s, write_s = sum(s["model_s"] for s in stats), sum(s["write_s"] for s in stats)
+    if done:
+        lines.append(
+            f"  time       model {model_s:.1f} s, writers {write_s:.2f} s (in a thread beside "
+            f"the model; {100 * write_s / max(model_s, 1e-9):.1f}% of model time), summed over ranks"
+        )
+    return "\n".join(lines)

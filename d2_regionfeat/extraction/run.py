@@ -1,0 +1,252 @@
+"""
+The bookkeeping of a run (extraction or conversion) in its output folder: the run object
+(:class:`RunFolder`: claim the folder, store records, merge, finish), each rank's writers and
+logs (:class:`RunOutputs`), the failure and no-region logs, and reading an output folder
+back. The layouts themselves are :mod:`d2_regionfeat.formats`.
+"""
+import json
+import os
+import shutil
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from .. import formats as layouts
+from ..formats import WRITERS, LayoutIdError
+from ..formats.safety import LineLog, new_part, part_path, replace_with_copy
+from .manifest import MANIFEST_NAME, claim_output_folder, read_manifest, write_manifest
+
+NO_REGIONS = "no regions"
+
+
+class JsonLinesLog(LineLog):
+    """
+    A rank's :class:`LineLog` of JSON objects with an ``image_id``, merged into
+    ``<output>/<stem>.jsonl``.
+    """
+
+    stem = ""
+
+    def __init__(self, output_dir: str, rank: int, world_size: int):
+        path = new_part(output_dir, self.stem, rank, world_size)
+        super().__init__(path, lambda line: json.loads(line)["image_id"])
+
+    def add(self, entries: List[Dict]):
+        self.append((json.dumps(e, ensure_ascii=False) + "\n").encode("utf-8") for e in entries)
+
+    @classmethod
+    def merge(cls, output_dir: str, world_size: int):
+        parts = [part_path(output_dir, cls.stem, r, world_size) for r in range(world_size)]
+        replace_with_copy(parts, os.path.join(output_dir, cls.stem + ".jsonl"))
+
+
+class FailureLog(JsonLinesLog):
+    """
+    The images a rank could not extract, as JSON lines ``{"image_id", "path", "reason"}``;
+    merged into ``<output>/failures.jsonl``.
+    """
+
+    stem = "failures"
+
+
+class NoRegionsLog(JsonLinesLog):
+    """
+    The images with no region, as JSON lines ``{"image_id", "path", "reason": "no regions",
+    "left_out_of": [layouts]}`` (the layouts of the run that do not hold such an image);
+    merged into ``<output>/no_regions.jsonl``.
+    """
+
+    stem = "no_regions"
+
+
+FAILURES_NAME = FailureLog.stem + ".jsonl"
+NO_REGIONS_NAME = NoRegionsLog.stem + ".jsonl"
+
+
+def check_formats(formats: Sequence[str]) -> List[str]:
+    """
+    ``formats`` without repeats.
+
+    Raises:
+        ValueError: one is not in :data:`formats.WRITERS`, or there is none (one line).
+    """
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in WRITERS]
+    if unknown or not formats:
+        raise ValueError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
+    return formats
+
+
+def check_ids(formats: Sequence[str], image_ids: Sequence[str]):
+    """
+    Check that every layout can store every image id, and that no two images get the same
+    key in a layout.
+
+    Raises:
+        LayoutIdError: naming the layout and the id(s), one line.
+    """
+    for fmt in formats:
+        writer = WRITERS[fmt]
+        first = {}
+        for image_id in image_ids:
+            try:
+                key = writer.key(image_id)
+            except LayoutIdError as e:
+                raise LayoutIdError(f"{fmt}: {e}")
+            if key in first:
+                raise LayoutIdError(
+                    f"{fmt}: images {first[key]!r} and {image_id!r} both get id {key!r}"
+                )
+            first[key] = image_id
+class RunOutputs:
+    """This rank's writers, failure and no-region logs, and what they held when it started."""
+
+    def __init__(self, output_dir: str, formats: Sequence[str], rank: int, world_size: int,
+                 image_ids: Sequence[str], paths: Dict[str, str] = None):
+        """
+        Args:
+            image_ids: the ids of the run's images (all ranks'), as the records hold them.
+            paths: image id -> file, for the logs.
+        """
+        self.writers = [WRITERS[f](output_dir, rank, world_size) for f in formats]
+        self.failures = FailureLog(output_dir, rank, world_size)
+        self.no_regions = NoRegionsLog(output_dir, rank, world_size)
+        self.paths = paths or {}
+        self.left_out = [f for f, w in zip(formats, self.writers) if not w.keeps_empty]
+        self.keys = [{i: type(w).key(i) for i in image_ids} for w in self.writers]
+        self.written = []
+        for writer, keys in zip(self.writers, self.keys):
+            held = writer.written()
+            ids = {i for i, key in keys.items() if key in held}
+            self.written.append(ids if writer.keeps_empty else ids | self.no_regions.ids)
+        # images that need nothing more: failed, or in every layout
+        self.recorded = self.failures.ids | set.intersection(*self.written)
+
+    def store(self, records: List[Dict], failed: List[Dict] = ()):
+        """
+        Write what each layout lacks of ``records`` (a layout that holds no image without
+        regions leaves those out), then log those without regions and ``failed``
+        (``{"image_id", "path", "reason"}``).
+        """
+        for writer, keys, ids in zip(self.writers, self.keys, self.written):
+            writer.write([
+                dict(r, image_id=keys[r["image_id"]]) for r in records
+                if r["image_id"] not in ids and (r["num_bbox"] or writer.keeps_empty)
+            ])
+        empty = [r["image_id"] for r in records if not r["num_bbox"] and r["image_id"] not in self.no_regions.ids]
+        self.no_regions.add([
+            {"image_id": i, "path": self.paths.get(i), "reason": NO_REGIONS, "left_out_of": self.left_out}
+            for i in empty
+        ])
+        self.no_regions.ids.update(empty)
+        self.failures.add(list(failed))
+
+    def close(self):
+        for writer in self.writers:
+            writer.close()
+        self.failures.close()
+        self.no_regions.close()
+
+
+def _count_lines(path):
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def merge_outputs(output_dir: str, formats: Sequence[str], world_size: int,
+                  class_names: Optional[Sequence[str]] = None) -> Dict:
+    """
+    Rank 0, all ranks closed: merge every layout and log; ``class_names`` (the model's, None
+    without) go to the layouts that write names. Returns the counts for the
+    manifest: ``failed``, ``no_regions`` and ``left_out`` (layout -> images it lacks
+    for having no region).
+    """
+    for fmt in formats:
+        names = {"class_names": class_names} if WRITERS[fmt].takes_class_names else {}
+        WRITERS[fmt].merge(output_dir, world_size, **names)
+    FailureLog.merge(output_dir, world_size)
+    NoRegionsLog.merge(output_dir, world_size)
+    no_regions = _count_lines(os.path.join(output_dir, NO_REGIONS_NAME))
+    return {
+        "failed": _count_lines(os.path.join(output_dir, FAILURES_NAME)),
+        "no_regions": no_regions,
+        "left_out": {f: no_regions for f in formats if not WRITERS[f].keeps_empty},
+    }
+
+
+def read_log(path: str) -> List[Dict]:
+    """The entries of a failures / no-regions JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+class RunFolder:
+    """
+    The output folder of a run, extraction or conversion::
+
+        run = RunFolder(output_dir, formats)
+        if not run.claim(manifest, resume):          # first machine, before any process
+            outputs = run.outputs(rank, world_size, image_ids, paths)   # every rank
+            outputs.store(records, failed); outputs.close()
+            run.finish(world_size, class_names, inputs=..., written=...)  # rank 0, all done
+    """
+
+    def __init__(self, output_dir: str, formats: Sequence[str]):
+        self.output_dir = output_dir
+        self.formats = list(formats)
+
+    def claim(self, manifest: Dict, resume: bool) -> bool:
+        """
+        Make the folder this run's (see :func:`manifest.claim_output_folder`); whether it
+        already holds the finished run.
+        """
+        return bool(claim_output_folder(self.output_dir, manifest, resume)["complete"])
+
+    def outputs(self, rank: int, world_size: int, image_ids: Sequence[str],
+                paths: Dict[str, str] = None) -> "RunOutputs":
+        """This rank's writers and logs (see :class:`RunOutputs`)."""
+        return RunOutputs(self.output_dir, self.formats, rank, world_size, image_ids, paths)
+
+    def finish(self, world_size: int, class_names: Optional[Sequence[str]], inputs: int,
+               written: Optional[int] = None, **manifest) -> Dict:
+        """
+        Rank 0, every rank closed: merge the layouts and logs, complete the manifest (its
+        counts, ``feature_dim`` unless given, the other ``manifest`` entries), then remove
+        the parts.
+
+        Args:
+            class_names: the model's (None without), for the layouts that write names.
+            inputs, written: the counts of images (written: default, those that did not fail).
+
+        Returns:
+            the complete manifest.
+        """
+        counts = merge_outputs(self.output_dir, self.formats, world_size, class_names)
+        if written is None:
+            written = inputs - counts["failed"]
+        if "feature_dim" not in manifest:
+            manifest["feature_dim"] = self.feature_dim()
+        complete = read_manifest(self.output_dir)
+        complete.update(manifest, complete=True, counts=dict(counts, inputs=inputs, written=written))
+        write_manifest(self.output_dir, complete)
+        shutil.rmtree(os.path.join(self.output_dir, "parts"), ignore_errors=True)
+        return complete
+
+    def feature_dim(self) -> Optional[int]:
+        """D, from the first record of a layout that reads back (None without one)."""
+        # a one-file layout finds its first record at once; a folder would be listed whole
+        readable = [f for f in self.formats if WRITERS[f].reads_back()]
+        readable.sort(key=lambda f: WRITERS[f].output_name == f)
+        for fmt in readable:
+            first = next(layouts.read_features(self.output_dir, fmt), None)
+            if first is not None:
+                return int(first["x"].shape[1])
+        return None
+
+
+def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
+    """
+    :func:`d2_regionfeat.formats.read_features`, and for an output folder of a run without
+    ``fmt``, its manifest's first layout.
+    """
+    if fmt is None and os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        fmt = read_manifest(path)["formats"][0]
+    return layouts.read_features(path, fmt)
