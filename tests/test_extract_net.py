@@ -28,9 +28,8 @@ from d2_regionfeat.formats.safety import LineLog, RecordJournal
 from d2_regionfeat.io import TSV_FIELDNAMES, read_features
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 
-from helpers import build, image, make_cfg
+from helpers import image
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "extract_net.py"
@@ -69,23 +68,6 @@ def save_bgr(path, bgr, **save_args):
 def generated(seed, height, width):
     """(H, W, 3) uint8 BGR image."""
     return image(seed, height, width).permute(1, 2, 0).numpy().astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A small tamed FPN model (ResNet-18, 36-region style selection) saved as yaml + weights."""
-    folder = tmp_path_factory.mktemp("model")
-    cfg = make_cfg("fpn", SELECTION="regions", MIN_BOXES=3, MAX_BOXES=8)
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.MASK_ON = False
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
-    cfg.INPUT.MIN_SIZE_TEST = 128
-    cfg.INPUT.MAX_SIZE_TEST = 192
-    torch.save({"model": build(cfg).state_dict()}, folder / "model.pth")
-    cfg.MODEL.WEIGHTS = str(folder / "model.pth")
-    (folder / "model.yaml").write_text(cfg.dump())
-    return SimpleNamespace(cfg=cfg, yaml=folder / "model.yaml", predictor=DefaultPredictor(cfg))
 
 
 @pytest.fixture(scope="module")

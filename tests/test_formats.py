@@ -30,14 +30,13 @@ from d2_regionfeat.modeling.config import region_features_node
 from detectron2.data import DatasetCatalog
 from detectron2.structures import Boxes, Instances
 from helpers import make_cfg
-from test_extract_net import (  # noqa: F401  (model is a module fixture)
+from test_extract_net import (  # noqa: F401  (tool_main is a module fixture)
     REPO,
     assert_same_records,
     by_id,
     error_of,
     folder_bytes,
     generated,
-    model,
     run_and_kill,
     run_tool,
     save_bgr,
@@ -243,7 +242,8 @@ def test_convert_refuses_what_the_source_cannot_give(detections, tmp_path):
     # the TSV holds no class probabilities: uniter names the config key that gives them
     result = convert(detections.out, "--format", "uniter", "--output", tmp_path / "a", "--source-format", "tsv")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "uniter needs class probabilities: extract with MODEL.REGION_FEATURES.CLASS_PROBS True" in result.stderr
+    assert "uniter needs class probabilities, which SELECTION detections gives only with " \
+        "MODEL.REGION_FEATURES.CLASS_PROBS True" in result.stderr
     assert not (tmp_path / "a").exists()
     cases = {
         "holds pickles": dict(in_dir=detections.out, source_format="mmf"),

@@ -10,7 +10,7 @@ import numpy as np
 from d2_regionfeat.data.synthetic import CLASSES
 from d2_regionfeat.default_model import get_default_model_cfg
 from d2_regionfeat.modeling.vocabulary import vocabularies
-from test_extract_net import REPO, generated, model, save_bgr  # noqa: F401  (model is a fixture)
+from test_extract_net import REPO, generated, save_bgr
 
 
 def load_tool(name):
