@@ -13,7 +13,7 @@ from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
 from d2_regionfeat.extraction.runner import BatchExtractor, prepare_job
 from d2_regionfeat.modeling.given_boxes import regions_for_boxes
-from d2_regionfeat.modeling.heads import _autocast_enabled
+from d2_regionfeat.modeling.region_heads import _autocast_enabled
 from helpers import build, inputs, make_cfg
 from PIL import Image
 

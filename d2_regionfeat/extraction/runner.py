@@ -39,7 +39,7 @@ from ..formats import (
     read_features,
 )
 from ..modeling.config import region_features_node
-from ..modeling.heads import RegionFeatureHeadsMixin
+from ..modeling.region_heads import RegionFeatureHeadsMixin
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
 from .manifest import (
     MANIFEST_VERSION,
