@@ -109,7 +109,7 @@ class _Recorder:
         self.calls = 0
         self.selections = 0
         self.rows = self.attr_probs = self.proposal_boxes = None
-        self.pooled_boxes = self.source_rows = None
+        self.pooled_boxes = self.source_rows = self.source_problem = None
         self.offset = self.image = 0
 
     def error(self, reason):
@@ -123,13 +123,14 @@ class _Recorder:
 
     def on_predictor(self, module, args, output):
         rows = args[0].flatten(1)
+        self.source_problem = None
         if self.heads.source_module:
             if self.source_rows is None or len(self.source_rows) != len(rows):
                 got = "no output" if self.source_rows is None else f"{len(self.source_rows)} rows"
-                raise ValueError(
+                self.source_problem = (
                     f"MODEL.REGION_FEATURES.SOURCE_MODULE {self.heads.source_module!r} of {self.name} "
-                    f"gave {got} before its box predictor saw {len(rows)} proposals; it must give "
-                    "one row per proposal"
+                    f"gave {got} in the box predictor call of {len(rows)} proposals that made the "
+                    "detections; it must give one row per proposal"
                 )
             rows, self.source_rows = self.source_rows, None
         attr_logits = getattr(output, "attr_logits", None)
@@ -138,9 +139,23 @@ class _Recorder:
         self.offset = self.image = 0
         self.calls += 1
 
+    def source_rows_of(self, instances):
+        """
+        Per output image, the recorded rows of its detections' proposals, for a predictor
+        that attached its own (one image of output per pooled image).
+        """
+        if self.source_problem:
+            raise ValueError(self.source_problem)
+        if self.proposal_boxes is None or len(self.proposal_boxes) != len(instances):
+            raise self.error("its outputs are not one per image its box pooler received")
+        rows = self.rows.split([len(b) for b in self.proposal_boxes])
+        return [r[x.proposal_index] for r, x in zip(rows, instances)]
+
     def select_image(self, boxes, scores, image_shape, score_thresh, nms_thresh, topk_per_image):
         """The stand-in for ``fast_rcnn_inference_single_image`` while the head records."""
         count = len(boxes)
+        if self.source_problem:
+            raise ValueError(self.source_problem)
         if self.rows is None:
             raise self.error("its selection ran before any call of its box predictor")
         if self.offset + count > len(self.rows):
@@ -332,10 +347,6 @@ class RegionFeatureHeadsMixin:
                 "its detections never went through fast_rcnn_inference or its predictor's "
                 "inference"
             )
-        if self.source_module and recorder.selections == 0:
-            raise recorder.error(
-                "SOURCE_MODULE needs the selection to run through fast_rcnn_inference"
-            )
 
     def _pool(self, features, boxes):
         if self._box_family() is Res5ROIHeads:
@@ -371,6 +382,10 @@ class RegionFeatureHeadsMixin:
 
     def _finish_region_features(self, features, recorder, instances):
         """Replace the recorded ``box_features`` where the config asks for other ones."""
+        if self.source_module and recorder.selections == 0:  # the predictor selected itself
+            for x, rows in zip(instances, recorder.source_rows_of(instances)):
+                x.box_features = rows
+            return
         if self.pool_at == "final":
             boxes = [x.pred_boxes for x in instances]
         elif self.region_source == "pooled":
@@ -397,7 +412,9 @@ class RegionFeatureHeadsMixin:
           and its probability;
         * with the attribute head: ``attr_probs``, ``attrs_id``, ``attrs_conf``.
         """
-        if instances and not instances[0].has("box_features"):
+        recorder = getattr(_recording, "recorder", None)
+        describe = recorder is None or recorder.heads is not self  # not the detections' own
+        if describe and instances and not instances[0].has("box_features"):
             if self._box_family() is None or not isinstance(
                 self.feature_predictor, FeatureFastRCNNOutputLayers
             ):
