@@ -14,7 +14,7 @@ from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
 from d2_regionfeat.extraction.job import prepare_job
 from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.modeling.given_boxes import regions_for_boxes
-from d2_regionfeat.modeling.heads import _autocast_enabled
+from d2_regionfeat.modeling.region_heads import _autocast_enabled
 from helpers import build, inputs, make_cfg
 from PIL import Image
 

@@ -4,7 +4,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -216,12 +217,22 @@ def test_default_predictor_returns_region_fields(tmp_path):
     assert out.class_probs.shape == (len(out), NUM_CLASSES + 1)
 
 
-def test_feature_heads_need_a_feature_predictor():
+def test_a_stock_predictor_is_kept_and_traced_through_the_selection():
+    """Built from kwargs with a plain FastRCNNOutputLayers: the hooks give the same fields."""
     from d2_regionfeat import FeatureROIHeads
 
-    cfg = make_cfg("fpn")
-    model = build_model(make_cfg("fpn", feature=False))
-    kwargs = FeatureROIHeads.from_config(cfg, model.backbone.output_shape())
-    kwargs["box_predictor"] = model.roi_heads.box_predictor  # a plain FastRCNNOutputLayers
-    with pytest.raises(TypeError, match="FeatureFastRCNNOutputLayers"):
-        FeatureROIHeads(**kwargs)
+    cfg = make_cfg("fpn", class_probs=True)
+    model = build(cfg)
+    kwargs = StandardROIHeads.from_config(cfg, model.backbone.output_shape())
+    plain = kwargs["box_predictor"]
+    plain.load_state_dict(model.roi_heads.box_predictor.state_dict())
+    heads = FeatureROIHeads(**kwargs, region_selection={"class_probs": True})
+    heads.load_state_dict(model.roi_heads.state_dict())
+    assert type(heads.box_predictor) is FastRCNNOutputLayers
+    expected = run(model, inputs(*BATCH))
+    model.roi_heads = heads.eval()
+    got = run(model, inputs(*BATCH))
+    assert sum(len(x) for x in got) > 0
+    for e, g in zip(expected, got):
+        for name in ("box_features", "proposal_index", "class_probs", "scores", "pred_classes"):
+            assert torch.equal(e.get(name), g.get(name)), name

@@ -22,7 +22,7 @@ import sys
 from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
 
-from d2_regionfeat.modeling.config import use_feature_heads
+from d2_regionfeat import enable_region_features
 from d2_regionfeat.modeling.explain import explain_detections, format_report
 from d2_regionfeat.modeling.given_boxes import RegionPredictor
 from d2_regionfeat.modeling.vocabulary import vocabularies
@@ -46,7 +46,7 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     names = vocabularies(cfg)
-    predictor = RegionPredictor(use_feature_heads(cfg))
+    predictor = RegionPredictor(enable_region_features(cfg))
     reports = {}
     for path in args.input:
         inputs = predictor.model_inputs(read_image(path, format=cfg.INPUT.FORMAT))

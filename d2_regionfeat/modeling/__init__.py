@@ -13,9 +13,11 @@ registries.
 from .attributes import AttributeDatasetMapper
 from .backbone import build_narrow_resnet_fpn_backbone, build_resnet_caffe_maxpool_backbone
 from .config import add_regionfeat_config
+from .enable import enable_region_features
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
 from .outputs import RegionOutputs, region_outputs
+from .region_heads import region_feature_heads
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,
     FeatureFastRCNNOutputLayers,
@@ -25,6 +27,8 @@ from .predictor import (
 
 __all__ = [
     "add_regionfeat_config",
+    "enable_region_features",
+    "region_feature_heads",
     "AttributeDatasetMapper",
     "RegionFeatureRCNN",
     "build_narrow_resnet_fpn_backbone",

@@ -5,11 +5,16 @@ SOURCES = ("box_head", "pooled")
 SELECTIONS = ("detections", "regions", "butd")
 BOX_MODES = ("proposal", "regressed")
 POOL_AT = ("proposal", "final")
-# detectron2's ROI heads and the Feature head standing in for each.
-FEATURE_HEADS = {
-    "StandardROIHeads": "FeatureROIHeads",
-    "Res5ROIHeads": "FeatureRes5ROIHeads",
-    "CascadeROIHeads": "FeatureCascadeROIHeads",
+# Constructor argument of the heads and predictors -> its key under MODEL.REGION_FEATURES.
+SETTING_KEYS = {
+    "region_source": "SOURCE",
+    "pool_at": "POOL_AT",
+    "selection": "SELECTION",
+    "region_box": "BOX",
+    "conf_thresh": "CONF_THRESH",
+    "min_boxes": "MIN_BOXES",
+    "max_boxes": "MAX_BOXES",
+    "min_regions": "MIN_REGIONS",
 }
 
 
@@ -32,6 +37,16 @@ def _add_region_features_node(cfg):
     node = cfg.MODEL.REGION_FEATURES = CN()
     # Name in ROI_BOX_PREDICTOR_REGISTRY of the box predictor the Feature heads build.
     node.PREDICTOR = "FeatureFastRCNNOutputLayers"
+    # With MODEL.ROI_HEADS.NAME "FeatureROIHeads": the ROI heads (any name in ROI_HEADS_REGISTRY,
+    # a project's or your own) whose region-feature version is built; its parameters, training
+    # and detections are unchanged (see README "Your own heads").
+    node.BASE_ROI_HEADS = "StandardROIHeads"
+    # "" : box_features are the box predictor's input rows (SOURCE decides further).
+    # A dotted module path under the ROI heads (e.g. "box_head.fc1", or Detic's
+    # "box_predictor.2.cls_score.linear"): box_features are that module's output, one row per
+    # proposal of the predictor call that made the detections (flattened); SOURCE and POOL_AT
+    # must keep their defaults.
+    node.SOURCE_MODULE = ""
     # "box_head": the box head's output (1024-d for FPN, the mean-pooled res5 output for C4).
     # "pooled": the ROI-pooled feature map, averaged over its spatial cells.
     node.SOURCE = "box_head"
@@ -84,11 +99,40 @@ def _add_attribute_keys(cfg):
     node.MAX_ATTRIBUTES_PER_INSTANCE = 16
 
 
-def _check_choice(node, key, choices):
-    value = node[key]
+def _check_choice(key, value, choices):
     if value not in choices:
         raise ValueError(
             f"MODEL.REGION_FEATURES.{key} must be one of {', '.join(choices)}; got {value!r}"
+        )
+
+
+def check_region_settings(**settings):
+    """
+    Check constructor arguments of the region-feature heads and predictors (names of
+    :data:`SETTING_KEYS`; those given are checked), so that yacs, LazyConfig and direct
+    construction share one set of checks.
+
+    Raises:
+        ValueError: naming the ``MODEL.REGION_FEATURES`` key of the first value not allowed.
+    """
+    choices = {"region_source": SOURCES, "pool_at": POOL_AT, "selection": SELECTIONS,
+               "region_box": BOX_MODES}
+    for name, allowed in choices.items():
+        if name in settings:
+            _check_choice(SETTING_KEYS[name], settings[name], allowed)
+    if "conf_thresh" in settings and not 0.0 <= settings["conf_thresh"] <= 1.0:
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.CONF_THRESH must be within [0, 1]; got {settings['conf_thresh']}"
+        )
+    for name in ("min_boxes", "min_regions"):
+        if settings.get(name, 0) < 0:
+            raise ValueError(
+                f"MODEL.REGION_FEATURES.{SETTING_KEYS[name]} must be >= 0; got {settings[name]}"
+            )
+    if settings.get("max_boxes", 0) < settings.get("min_boxes", 0):
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.MAX_BOXES ({settings['max_boxes']}) must be >= "
+            f"MIN_BOXES ({settings['min_boxes']})"
         )
 
 
@@ -105,23 +149,7 @@ def region_features_node(cfg):
             "or call d2_regionfeat.add_regionfeat_config(cfg)"
         )
     node = cfg.MODEL.REGION_FEATURES
-    _check_choice(node, "SOURCE", SOURCES)
-    _check_choice(node, "SELECTION", SELECTIONS)
-    _check_choice(node, "BOX", BOX_MODES)
-    _check_choice(node, "POOL_AT", POOL_AT)
-    if not 0.0 <= node.CONF_THRESH <= 1.0:
-        raise ValueError(
-            f"MODEL.REGION_FEATURES.CONF_THRESH must be within [0, 1]; got {node.CONF_THRESH}"
-        )
-    if node.MIN_BOXES < 0:
-        raise ValueError(f"MODEL.REGION_FEATURES.MIN_BOXES must be >= 0; got {node.MIN_BOXES}")
-    if node.MIN_REGIONS < 0:
-        raise ValueError(f"MODEL.REGION_FEATURES.MIN_REGIONS must be >= 0; got {node.MIN_REGIONS}")
-    if node.MAX_BOXES < node.MIN_BOXES:
-        raise ValueError(
-            f"MODEL.REGION_FEATURES.MAX_BOXES ({node.MAX_BOXES}) must be >= "
-            f"MIN_BOXES ({node.MIN_BOXES})"
-        )
+    check_region_settings(**{name: node[key] for name, key in SETTING_KEYS.items()})
     return node
 
 
@@ -144,20 +172,3 @@ def attribute_head_node(cfg):
             f"MODEL.ROI_ATTRIBUTE_HEAD.LOSS_WEIGHT must be >= 0; got {node.LOSS_WEIGHT}"
         )
     return node
-
-
-def use_feature_heads(cfg):
-    """
-    Switch ``cfg`` (in place) from a standard detectron2 ROI head to its Feature head; a
-    Feature head stays as it is. Raises ValueError for heads without a Feature counterpart.
-    """
-    name = cfg.MODEL.ROI_HEADS.NAME
-    if name in FEATURE_HEADS.values():
-        return cfg
-    if name not in FEATURE_HEADS:
-        raise ValueError(
-            f"MODEL.ROI_HEADS.NAME {name!r} has no Feature head; use one of "
-            f"{', '.join(FEATURE_HEADS)} or their Feature versions"
-        )
-    cfg.MODEL.ROI_HEADS.NAME = FEATURE_HEADS[name]
-    return cfg

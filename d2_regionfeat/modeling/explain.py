@@ -15,25 +15,29 @@ from .selection import clipped_class_boxes, finite_rows
 
 
 @contextlib.contextmanager
-def _recorded_selection(predictor, score_thresh):
+def _recorded_selection(settings, score_thresh):
     """
-    Within the block, ``predictor`` selects in "detections" mode at ``score_thresh`` and
-    records the arguments of each ``select`` call in the yielded list.
+    Within the block, ``settings`` (the heads' :class:`RegionSelection`) selects in
+    "detections" mode at ``score_thresh`` and records, per image selected, its boxes,
+    probabilities, network-input size, NMS threshold and top-k in the yielded list.
     """
     calls = []
-    saved = predictor.selection, predictor.test_score_thresh
+    saved = settings.selection
 
-    def recording_select(boxes, probs, features, proposals, attr_probs=None):
-        calls.append((boxes, probs, proposals))
-        return type(predictor).select(predictor, boxes, probs, features, proposals, attr_probs)
+    def recording_select_image(index, boxes, probs, proposal_boxes, image_size, thresh, nms_thresh,
+                               topk):
+        calls.append((boxes, probs, image_size, nms_thresh, topk))
+        return type(settings).select_image(
+            settings, index, boxes, probs, proposal_boxes, image_size, score_thresh, nms_thresh, topk
+        )
 
-    predictor.selection, predictor.test_score_thresh = "detections", score_thresh
-    predictor.select = recording_select
+    settings.selection = "detections"
+    settings.select_image = recording_select_image
     try:
         yield calls
     finally:
-        del predictor.select
-        predictor.selection, predictor.test_score_thresh = saved
+        del settings.select_image
+        settings.selection = saved
 
 
 def _suppressors(boxes, scores, classes, keep, nms_thresh):
@@ -116,7 +120,7 @@ def explain_detections(model, batched_inputs: List[dict], score_thresh=None) -> 
     box from proposal to final detection.
 
     Args:
-        model: a ``GeneralizedRCNN`` whose ROI heads are Feature heads.
+        model: a ``GeneralizedRCNN`` whose ROI heads give region features.
         batched_inputs: model inputs as for ``model(batched_inputs)``.
         score_thresh: the threshold to explain; the model's SCORE_THRESH_TEST if None.
 
@@ -129,19 +133,20 @@ def explain_detections(model, batched_inputs: List[dict], score_thresh=None) -> 
         (the count these stages give) and "model_final" (the model's own number of
         instances, equal to "final").
     """
-    predictor = model.roi_heads.feature_predictor
-    thresh = predictor.test_score_thresh if score_thresh is None else score_thresh
-    with torch.no_grad(), _recorded_selection(predictor, thresh) as calls:
+    heads = model.roi_heads
+    thresh = heads.feature_predictor.test_score_thresh if score_thresh is None else score_thresh
+    with torch.no_grad(), _recorded_selection(heads.region_selection, thresh) as calls:
         outputs = model(batched_inputs)
-    ((boxes, probs, proposals),) = calls
+    if len(calls) != len(outputs):
+        raise ValueError(
+            f"{type(heads).__name__} selected {len(calls)} images for {len(outputs)} inputs; "
+            "explain_detections needs one selection per image"
+        )
     reports = []
-    for inputs, out, b, p, props in zip(batched_inputs, outputs, boxes, probs, proposals):
+    for out, (boxes, probs, image_size, nms_thresh, topk) in zip(outputs, calls):
         final = out["instances"]
         reports.append(
-            _account(
-                b, p, props.image_size, final.image_size, thresh,
-                predictor.test_nms_thresh, predictor.test_topk_per_image, final,
-            )
+            _account(boxes, probs, image_size, final.image_size, thresh, nms_thresh, topk, final)
         )
     return reports
 

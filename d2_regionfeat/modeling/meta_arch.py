@@ -17,5 +17,5 @@ class RegionFeatureRCNN(GeneralizedRCNN):
             (x.get("height", x["image"].shape[-2]), x.get("width", x["image"].shape[-1]))
             for x in batched_inputs
         ]
-        with self.roi_heads.feature_predictor.output_shapes(shapes):
+        with self.roi_heads.output_shapes(shapes):
             return super().inference(batched_inputs, detected_instances, do_postprocess)

@@ -13,7 +13,7 @@ from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
 from .attributes import attribute_fields, attribute_logits, attribute_loss, gt_attribute_rows
-from .config import attribute_head_node, region_features_node
+from .config import attribute_head_node, check_region_settings, region_features_node
 from .selection import select_butd, select_detections, select_regions
 
 ROI_BOX_PREDICTOR_REGISTRY = Registry("ROI_BOX_PREDICTOR")
@@ -50,6 +50,113 @@ def feature_predictor_like(cfg, stock):
     return predictor
 
 
+class RegionSelection:
+    """
+    The settings that choose the output regions of an image, and the choice itself
+    (:meth:`select_image`): held by :class:`FeatureFastRCNNOutputLayers`, and by the
+    region-feature heads whose own predictor is kept (:class:`RegionSettings`).
+    """
+
+    def _init_selection(
+        self, selection="detections", class_probs=False, conf_thresh=0.2, min_boxes=10,
+        max_boxes=100, region_box="proposal", min_regions=0,
+    ):
+        """Set and check the settings (see :class:`FeatureFastRCNNOutputLayers`)."""
+        check_region_settings(
+            selection=selection, conf_thresh=conf_thresh, min_boxes=min_boxes,
+            max_boxes=max_boxes, region_box=region_box, min_regions=min_regions,
+        )
+        self.selection = selection
+        self.class_probs = class_probs or selection != "detections"
+        self.conf_thresh = conf_thresh
+        self.min_boxes = min_boxes
+        self.max_boxes = max_boxes
+        self.region_box = region_box
+        self.min_regions = min_regions
+        self._output_shapes = None
+
+    @contextlib.contextmanager
+    def output_shapes(self, shapes: Sequence[Tuple[int, int]]):
+        """
+        Within this context, the images' original (height, width), in order, which "butd"
+        selection needs (its NMS runs in original image pixels); set by
+        :class:`d2_regionfeat.modeling.meta_arch.RegionFeatureRCNN`.
+        """
+        self._output_shapes = list(shapes)
+        try:
+            yield
+        finally:
+            self._output_shapes = None
+
+    @property
+    def needs_proposal_boxes(self) -> bool:
+        """Whether :meth:`select_image` needs the proposals' boxes."""
+        return self.selection != "detections" or self.min_regions > 0
+
+    def select_image(self, index, boxes, probs, proposal_boxes, image_size, score_thresh,
+                     nms_thresh, topk_per_image):
+        """
+        The output regions of image ``index`` of the batch.
+
+        Args:
+            boxes: (R, K*4) or (R, 4) regressed boxes; probs: (R, K+1) class probabilities.
+            proposal_boxes (Boxes or None): the R proposals (None: "detections" mode only).
+            score_thresh, nms_thresh, topk_per_image: "detections" mode settings.
+
+        Returns:
+            Instances (``pred_boxes``, ``scores``, ``pred_classes``), kept (M,): rows among
+            the R proposals.
+        """
+        if self.selection == "butd":
+            if self._output_shapes is None:
+                raise RuntimeError(
+                    'MODEL.REGION_FEATURES.SELECTION "butd" needs the original image sizes: use '
+                    'MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'
+                )
+            return select_butd(
+                probs, proposal_boxes, image_size, self._output_shapes[index], self.conf_thresh,
+                max(self.min_boxes, self.min_regions), max(self.max_boxes, self.min_regions),
+                nms_thresh,
+            )
+        # MIN_REGIONS raises the bounds of the region-per-proposal modes
+        if self.selection == "regions":
+            return select_regions(
+                boxes, probs, proposal_boxes, image_size, nms_thresh, self.conf_thresh,
+                max(self.min_boxes, self.min_regions), max(self.max_boxes, self.min_regions),
+                self.region_box,
+            )
+        result, kept = select_detections(
+            boxes, probs, image_size, score_thresh, nms_thresh, topk_per_image
+        )
+        if len(result) < self.min_regions:  # bottom-up-attention's fallback: top-N by score
+            result, kept = select_regions(
+                boxes, probs, proposal_boxes, image_size, nms_thresh, float("inf"),
+                self.min_regions, self.min_regions, "regressed",
+            )
+        return result, kept
+
+    def attach_region_fields(self, result, kept, features, probs, attr_probs=None):
+        """
+        Give ``result`` the region fields of its rows ``kept`` (M,), from the image's
+        (R, D) ``features``, (R, K+1) ``probs`` and (R, A+1) ``attr_probs`` (or None).
+        """
+        result.box_features = features[kept]
+        result.proposal_index = kept
+        if self.class_probs:
+            result.class_probs = probs[kept]
+        if attr_probs is not None:
+            for name, value in attribute_fields(attr_probs[kept]).items():
+                result.set(name, value)
+        return result
+
+
+class RegionSettings(RegionSelection):
+    """The selection settings of a region-feature head whose own box predictor is kept."""
+
+    def __init__(self, **settings):
+        self._init_selection(**settings)
+
+
 class RegionPredictions(tuple):
     """
     ``(scores, proposal_deltas)`` exactly as :meth:`FastRCNNOutputLayers.forward` returns
@@ -66,7 +173,7 @@ class RegionPredictions(tuple):
 
 
 @ROI_BOX_PREDICTOR_REGISTRY.register()
-class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
+class FeatureFastRCNNOutputLayers(RegionSelection, FastRCNNOutputLayers):
     """
     :class:`FastRCNNOutputLayers` whose inference also returns, for every output region,
     ``box_features`` (its proposal's predictor input, (D,)), ``proposal_index`` (that
@@ -114,14 +221,9 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
-        self.selection = selection
-        self.class_probs = class_probs or selection != "detections"
-        self.conf_thresh = conf_thresh
-        self.min_boxes = min_boxes
-        self.max_boxes = max_boxes
-        self.region_box = region_box
-        self.min_regions = min_regions
-        self._output_shapes = None
+        self._init_selection(
+            selection, class_probs, conf_thresh, min_boxes, max_boxes, region_box, min_regions
+        )
         self.attribute_on = num_attributes > 0
         if self.attribute_on:
             feature_dim = self.cls_score.in_features
@@ -210,19 +312,6 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             boxes, probs, predictions.features, proposals, self.predict_attr_probs(predictions)
         )
 
-    @contextlib.contextmanager
-    def output_shapes(self, shapes: Sequence[Tuple[int, int]]):
-        """
-        Within this context, the images' original (height, width), in order, which "butd"
-        selection needs (its NMS runs in original image pixels); set by
-        :class:`d2_regionfeat.modeling.meta_arch.RegionFeatureRCNN`.
-        """
-        self._output_shapes = list(shapes)
-        try:
-            yield
-        finally:
-            self._output_shapes = None
-
     def select(self, boxes, probs, features, proposals, attr_probs=None):
         """
         Select the output regions of every image and attach their features.
@@ -240,47 +329,14 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         sizes = [len(p) for p in proposals]
         features = features.split(sizes)
         attr_probs = attr_probs.split(sizes) if attr_probs is not None else [None] * len(sizes)
-        if self.selection == "butd" and self._output_shapes is None:
-            raise RuntimeError(
-                'MODEL.REGION_FEATURES.SELECTION "butd" needs the original image sizes: use '
-                'MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'
-            )
-        # MIN_REGIONS raises the bounds of the region-per-proposal modes
-        min_boxes = max(self.min_boxes, self.min_regions)
-        max_boxes = max(self.max_boxes, self.min_regions)
         results, kept_per_image = [], []
         for i, (boxes_i, probs_i, features_i, proposals_i, attr_probs_i) in enumerate(
             zip(boxes, probs, features, proposals, attr_probs)
         ):
-            if self.selection == "butd":
-                result, kept = select_butd(
-                    probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
-                    self._output_shapes[i], self.conf_thresh, min_boxes, max_boxes,
-                    self.test_nms_thresh,
-                )
-            elif self.selection == "regions":
-                result, kept = select_regions(
-                    boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
-                    self.test_nms_thresh, self.conf_thresh, min_boxes, max_boxes, self.region_box,
-                )
-            else:
-                result, kept = select_detections(
-                    boxes_i, probs_i, proposals_i.image_size,
-                    self.test_score_thresh, self.test_nms_thresh, self.test_topk_per_image,
-                )
-                if len(result) < self.min_regions:  # bottom-up-attention's fallback: top-N by score
-                    result, kept = select_regions(
-                        boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
-                        self.test_nms_thresh, float("inf"), self.min_regions, self.min_regions,
-                        "regressed",
-                    )
-            result.box_features = features_i[kept]
-            result.proposal_index = kept
-            if self.class_probs:
-                result.class_probs = probs_i[kept]
-            if attr_probs_i is not None:
-                for name, value in attribute_fields(attr_probs_i[kept]).items():
-                    result.set(name, value)
-            results.append(result)
+            result, kept = self.select_image(
+                i, boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
+                self.test_score_thresh, self.test_nms_thresh, self.test_topk_per_image,
+            )
+            results.append(self.attach_region_fields(result, kept, features_i, probs_i, attr_probs_i))
             kept_per_image.append(kept)
         return results, kept_per_image

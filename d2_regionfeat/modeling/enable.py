@@ -1,0 +1,69 @@
+"""Switch a config you trained with (yacs or LazyConfig) to its region-feature version."""
+import copy
+
+from detectron2.config import CfgNode
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+from .config import region_features_node
+from .predictor import FeatureFastRCNNOutputLayers
+from .region_heads import RegionFeatureHeadsMixin, region_feature_heads
+
+
+def enable_region_features(cfg):
+    """
+    A copy of ``cfg`` whose model gives region features (``cfg`` itself is left alone).
+
+    * yacs ``CfgNode``: ``MODEL.ROI_HEADS.NAME`` becomes ``FeatureROIHeads`` and
+      ``MODEL.REGION_FEATURES.BASE_ROI_HEADS`` the head it named (any name in
+      ``ROI_HEADS_REGISTRY``); with ``SELECTION: butd`` a plain ``GeneralizedRCNN`` becomes
+      ``RegionFeatureRCNN``.
+    * LazyConfig (an omegaconf ``DictConfig`` with ``model.roi_heads``): ``_target_`` of
+      ``model.roi_heads`` becomes the region-feature version of its class, every argument
+      kept; a stock ``FastRCNNOutputLayers`` predictor (the last stage's of a cascade)
+      becomes ``FeatureFastRCNNOutputLayers``, same arguments.
+
+    A config that already gives region features comes back unchanged (as a copy).
+
+    Raises:
+        ValueError: the config names no ROI heads, or a head not registered (one line).
+    """
+    if isinstance(cfg, CfgNode):
+        return _enable_yacs(cfg.clone())
+    return _enable_lazy(copy.deepcopy(cfg))
+
+
+def _enable_yacs(cfg):
+    name = cfg.MODEL.ROI_HEADS.NAME
+    try:
+        head = ROI_HEADS_REGISTRY.get(name)
+    except KeyError:
+        raise ValueError(f"MODEL.ROI_HEADS.NAME {name!r} is not in ROI_HEADS_REGISTRY") from None
+    if not issubclass(head, RegionFeatureHeadsMixin):
+        cfg.MODEL.ROI_HEADS.NAME = "FeatureROIHeads"
+        cfg.MODEL.REGION_FEATURES.BASE_ROI_HEADS = name
+    if region_features_node(cfg).SELECTION == "butd" and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+        cfg.MODEL.META_ARCHITECTURE = "RegionFeatureRCNN"
+    return cfg
+
+
+def _located(target):
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        return locate(target)
+    return target
+
+
+def _enable_lazy(cfg):
+    heads = cfg.get("model", {}).get("roi_heads") if hasattr(cfg, "get") else None
+    if heads is None or "_target_" not in heads:
+        raise ValueError("the LazyConfig has no model.roi_heads._target_ to give region features")
+    heads._target_ = region_feature_heads(_located(heads._target_))
+    for key in ("box_predictor", "box_predictors"):
+        if key not in heads:
+            continue
+        node = heads[key][-1] if key == "box_predictors" else heads[key]
+        if hasattr(node, "keys") and "_target_" in node and _located(node._target_) is FastRCNNOutputLayers:
+            node._target_ = FeatureFastRCNNOutputLayers
+    return cfg
