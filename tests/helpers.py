@@ -18,19 +18,10 @@ NUM_CLASSES = 3
 
 
 def make_cfg(kind="fpn", feature=True, **region_features):
-    """
-    A small CPU config of ``kind``; ``region_features`` set MODEL.REGION_FEATURES keys. The
-    FPN kinds get the narrow ResNet-18 (widths 32 to 256; FPN and box head as the zoo's, so
-    the feature sizes are the zoo model's): what the tests check does not depend on the
-    backbone's size, and the whole suite runs faster.
-    """
+    """A small CPU config of ``kind``; ``region_features`` set MODEL.REGION_FEATURES keys."""
     zoo_file, plain_head, feature_head = MODELS[kind]
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(zoo_file))
-    if kind != "c4":
-        cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
-        cfg.MODEL.RESNETS.DEPTH = 18
-        cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.ROI_HEADS.NAME = feature_head if feature else plain_head
