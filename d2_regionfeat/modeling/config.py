@@ -2,7 +2,7 @@
 from detectron2.config import CfgNode as CN
 
 SOURCES = ("box_head", "pooled")
-SELECTIONS = ("detections", "regions", "butd")
+SELECTIONS = ("detections", "regions", "butd", "vinvl")
 BOX_MODES = ("proposal", "regressed")
 POOL_AT = ("proposal", "final")
 # detectron2's ROI heads and the Feature head standing in for each.
@@ -26,6 +26,8 @@ def add_regionfeat_config(cfg):
         _add_region_features_node(cfg)
     if "ATTRIBUTE_ON" not in cfg.MODEL:
         _add_attribute_keys(cfg)
+    if "VINVL" not in cfg.MODEL:
+        _add_vinvl_keys(cfg)
 
 
 def _add_region_features_node(cfg):
@@ -44,6 +46,9 @@ def _add_region_features_node(cfg):
     # "regions": bottom-up-attention style, at most one region per proposal.
     # "butd": the selection of bottom-up-attention's tools/generate_tsv.py, to the row (per-class
     # NMS over the proposal boxes with the legacy +1 IoU, proposal order within the bounds).
+    # "vinvl": scene_graph_benchmark's filter_results_peter (NMS_FILTER 1), to the row (per-class
+    # NMS at MODEL.VINVL.NMS_THRESH over all rows in network-input pixels, best surviving class,
+    # sorted by score; BOX "proposal" = TEST.IGNORE_BOX_REGRESSION True).
     node.SELECTION = "detections"
     # "regions" and "butd" modes: keep regions scoring >= CONF_THRESH, but at least MIN_BOXES
     # and at most MAX_BOXES of them (highest scores first).
@@ -82,6 +87,18 @@ def _add_attribute_keys(cfg):
     # Training: at most this many attributes per annotation (gt_attributes has this many
     # columns, padded with -1); an annotation with more is an error.
     node.MAX_ATTRIBUTES_PER_INSTANCE = 16
+
+
+def _add_vinvl_keys(cfg):
+    # The parts of scene_graph_benchmark's VinVL detector that differ from detectron2's (see
+    # the README section "VinVL").
+    node = cfg.MODEL.VINVL = CN()
+    # SELECTION "vinvl": IoU threshold of its per-class NMS (hard-coded 0.3 there).
+    node.NMS_THRESH = 0.3
+    # SELECTION "vinvl": which NMS: "torchvision" (IoU without +1, suppress when > threshold;
+    # scene_graph_benchmark HEAD), "legacy_ge" / "legacy_gt" (its first release's compiled
+    # _C.nms: +1 IoU, suppress when >= (CPU) / > (CUDA)).
+    node.NMS_IOU = "torchvision"
 
 
 def _check_choice(node, key, choices):
@@ -143,6 +160,20 @@ def attribute_head_node(cfg):
         raise ValueError(
             f"MODEL.ROI_ATTRIBUTE_HEAD.LOSS_WEIGHT must be >= 0; got {node.LOSS_WEIGHT}"
         )
+    return node
+
+
+def vinvl_node(cfg):
+    """Return ``cfg.MODEL.VINVL`` after checking its values (ValueError naming the key)."""
+    from .selection import VINVL_NMS
+
+    node = cfg.MODEL.VINVL
+    if node.NMS_IOU not in VINVL_NMS:
+        raise ValueError(
+            f"MODEL.VINVL.NMS_IOU must be one of {', '.join(VINVL_NMS)}; got {node.NMS_IOU!r}"
+        )
+    if not 0.0 <= node.NMS_THRESH <= 1.0:
+        raise ValueError(f"MODEL.VINVL.NMS_THRESH must be within [0, 1]; got {node.NMS_THRESH}")
     return node
 
 

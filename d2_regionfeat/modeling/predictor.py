@@ -13,8 +13,8 @@ from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
 from .attributes import attribute_fields, attribute_logits, attribute_loss, gt_attribute_rows
-from .config import attribute_head_node, region_features_node
-from .selection import select_butd, select_detections, select_regions
+from .config import attribute_head_node, region_features_node, vinvl_node
+from .selection import select_butd, select_detections, select_regions, select_vinvl
 
 ROI_BOX_PREDICTOR_REGISTRY = Registry("ROI_BOX_PREDICTOR")
 ROI_BOX_PREDICTOR_REGISTRY.__doc__ = """
@@ -96,6 +96,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         attr_hidden_dim: int = 512,
         attr_loss_weight: float = 1.0,
         max_attributes: int = 16,
+        vinvl_nms: Tuple[float, str] = (0.3, "torchvision"),
         **kwargs,
     ):
         """
@@ -111,6 +112,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             attr_embed_dim, attr_hidden_dim: sizes E and H of the attribute head.
             attr_loss_weight: weight of ``loss_attr``.
             max_attributes: columns of ``gt_attributes`` (for images without annotations).
+            vinvl_nms: "vinvl" mode's NMS threshold and IoU (see :func:`select_vinvl`).
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
@@ -121,6 +123,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.max_boxes = max_boxes
         self.region_box = region_box
         self.min_regions = min_regions
+        self.vinvl_nms = vinvl_nms
         self._output_shapes = None
         self.attribute_on = num_attributes > 0
         if self.attribute_on:
@@ -145,6 +148,7 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
             max_boxes=node.MAX_BOXES,
             region_box=node.BOX,
             min_regions=node.MIN_REGIONS,
+            vinvl_nms=(vinvl_node(cfg).NMS_THRESH, cfg.MODEL.VINVL.NMS_IOU),
         )
         attributes = attribute_head_node(cfg)
         if attributes is not None:
@@ -257,6 +261,11 @@ class FeatureFastRCNNOutputLayers(FastRCNNOutputLayers):
                     probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
                     self._output_shapes[i], self.conf_thresh, min_boxes, max_boxes,
                     self.test_nms_thresh,
+                )
+            elif self.selection == "vinvl":
+                result, kept = select_vinvl(
+                    boxes_i, probs_i, proposals_i.proposal_boxes, proposals_i.image_size,
+                    self.conf_thresh, min_boxes, max_boxes, *self.vinvl_nms, self.region_box,
                 )
             elif self.selection == "regions":
                 result, kept = select_regions(
