@@ -16,6 +16,7 @@ from .config import add_regionfeat_config
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
 from .outputs import RegionOutputs, region_outputs
+from . import vinvl  # noqa: F401  (registers VinVL's legacy parts)
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,
     FeatureFastRCNNOutputLayers,

@@ -99,6 +99,27 @@ def _add_vinvl_keys(cfg):
     # scene_graph_benchmark HEAD), "legacy_ge" / "legacy_gt" (its first release's compiled
     # _C.nms: +1 IoU, suppress when >= (CPU) / > (CUDA)).
     node.NMS_IOU = "torchvision"
+    # Meta-architecture "VinVLRCNN": every FrozenBatchNorm2d computes x * w / sqrt(var) + ...,
+    # without eps (maskrcnn-benchmark's FrozenBatchNorm2d).
+    node.FROZEN_BN_NO_EPS = True
+    # Meta-architecture "VinVLRCNN": output boxes are only rescaled to the original image size
+    # (BoxList.resize), never clipped, and regions of zero width or height are kept (detectron2's
+    # detector_postprocess clips and drops them).
+    node.KEEP_EMPTY_BOXES = True
+    # The test resize (d2_regionfeat.modeling.vinvl.build_test_resize): "round" = detectron2's
+    # ResizeShortestEdge (both sides int(x + 0.5)); "truncate" = maskrcnn-benchmark's Resize
+    # (long side int(short * long / short_side), truncated; e.g. 500x333 -> 900x600, not 901).
+    cfg.INPUT.RESIZE_LONG_SIDE = "round"
+    attributes = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+    # "butd": bottom-up-attention's head (class = argmax of all K + 1 logits, the proposal's
+    # feature; attr_probs / attrs_id / attrs_conf). "vinvl": scene_graph_benchmark's, with
+    # META_ARCHITECTURE "VinVLRCNN" and PREDICTOR "VinVLOutputLayers": class = the selected one,
+    # feature pooled again at the output box, softmax over A + 1 with "no attribute" zeroed,
+    # kept > SCORE_THRESH, at most MAX_PER_REGION: attr_labels (M, MAX_PER_REGION) attribute ids
+    # padded with -1, attr_scores (M, MAX_PER_REGION) padded with 0.
+    attributes.KIND = "butd"
+    attributes.SCORE_THRESH = 0.05
+    attributes.MAX_PER_REGION = 16
 
 
 def _check_choice(node, key, choices):
@@ -174,6 +195,9 @@ def vinvl_node(cfg):
         )
     if not 0.0 <= node.NMS_THRESH <= 1.0:
         raise ValueError(f"MODEL.VINVL.NMS_THRESH must be within [0, 1]; got {node.NMS_THRESH}")
+    kind = cfg.MODEL.ROI_ATTRIBUTE_HEAD.KIND
+    if kind not in ("butd", "vinvl"):
+        raise ValueError(f'MODEL.ROI_ATTRIBUTE_HEAD.KIND must be "butd" or "vinvl"; got {kind!r}')
     return node
 
 

@@ -113,6 +113,7 @@ class RegionFeatureHeadsMixin:
             class_probs=predictor.class_probs,
             num_attributes=predictor.attr_score.out_features - 1 if predictor.attribute_on else 0,
             selection=predictor.selection,
+            **getattr(predictor, "attribute_outputs", {}),
         )
 
     def _pool(self, features, boxes):
