@@ -17,6 +17,7 @@ from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
 from .outputs import RegionOutputs, region_outputs
 from . import vinvl  # noqa: F401  (registers VinVL's legacy parts)
+from .ports import vinvl as _vinvl_port  # noqa: F401  (registers its checkpoint conversion)
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,
     FeatureFastRCNNOutputLayers,

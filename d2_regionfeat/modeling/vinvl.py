@@ -33,12 +33,13 @@ from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, DefaultAnchorGenerator
-from detectron2.modeling.box_regression import _DEFAULT_SCALE_CLAMP, Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 
 from .attributes import vinvl_attribute_fields
+from .checkpoint import register_checkpoint_conversion
 from .config import vinvl_node
 from .meta_arch import RegionFeatureRCNN
 from .predictor import ROI_BOX_PREDICTOR_REGISTRY, FeatureFastRCNNOutputLayers
@@ -228,6 +229,10 @@ class VinVLOutputLayers(FeatureFastRCNNOutputLayers):
     def __init__(self, input_shape, *, attribute_kind: str = "butd", max_attributes_per_region=16,
                  **kwargs):
         super().__init__(input_shape, **kwargs)
+        # the given transform's weights and clamp (a Feature head passes its stock one) in
+        # maskrcnn-benchmark's +1 convention
+        stock = self.box2box_transform
+        self.box2box_transform = LegacyBox2BoxTransform(stock.weights, stock.scale_clamp)
         self.attribute_kind = attribute_kind
         # what region_outputs() reports of the attribute fields
         self.attribute_outputs = {
@@ -237,9 +242,6 @@ class VinVLOutputLayers(FeatureFastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["box2box_transform"] = LegacyBox2BoxTransform(
-            weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS, scale_clamp=_DEFAULT_SCALE_CLAMP
-        )
         ret["attribute_kind"] = cfg.MODEL.ROI_ATTRIBUTE_HEAD.KIND
         ret["max_attributes_per_region"] = cfg.MODEL.ROI_ATTRIBUTE_HEAD.MAX_PER_REGION
         return ret
@@ -312,6 +314,7 @@ class VinVLRCNN(RegionFeatureRCNN):
     def __init__(self, *, legacy_frozen_bn=True, keep_empty_boxes=True, attribute_head=None,
                  **kwargs):
         super().__init__(**kwargs)
+        register_checkpoint_conversion(self)  # VinVL's checkpoint spans the whole model
         if legacy_frozen_bn:
             use_legacy_frozen_bn(self)
         self.keep_empty_boxes = keep_empty_boxes
