@@ -255,6 +255,9 @@ class BatchExtractor:
             record["attrs_id"] = _numpy(instances.attrs_id, np.int64)
             record["attrs_conf"] = _numpy(instances.attrs_conf, np.float32)
             record["attr_prob"] = _numpy(instances.attr_probs, np.float32)
+        if instances.has("attr_labels"):  # VinVL's attribute head
+            record["attr_labels"] = _numpy(instances.attr_labels, np.int64)
+            record["attr_scores"] = _numpy(instances.attr_scores, np.float32)
         return record
 
 
