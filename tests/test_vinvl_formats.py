@@ -4,9 +4,11 @@ import base64
 import json
 
 import numpy as np
+import pytest
 
 from d2_regionfeat.formats import WRITERS, read_features
 from d2_regionfeat.formats.records import spatial6
+from d2_regionfeat.modeling.vinvl import read_labelmap
 
 
 def records():
@@ -89,3 +91,13 @@ def test_oscar_layout_rows_are_2054_with_mmf_spatial(tmp_path):
                         (b[:, 3] - b[:, 1]) / h], axis=1)
         np.testing.assert_allclose(rows[:, 2048:], mmf, rtol=1e-6)
         np.testing.assert_array_equal(rows[:, 2048:], spatial6(want))
+
+
+def test_labelmap_names_are_one_based_and_checked(tmp_path):
+    path = tmp_path / "labelmap.json"
+    path.write_text(json.dumps({"label_to_idx": {"dog": 2, "cat": 1}, "attribute_to_idx": {"red": 1},
+                                "idx_to_label": {"1": "cat", "2": "dog"}}))
+    assert read_labelmap(str(path)) == (["cat", "dog"], ["red"])
+    path.write_text(json.dumps({"label_to_idx": {"dog": 0, "cat": 1}, "attribute_to_idx": {}}))
+    with pytest.raises(ValueError, match="indexes are not 1..2"):
+        read_labelmap(str(path))

@@ -106,6 +106,10 @@ def _add_vinvl_keys(cfg):
     # (BoxList.resize), never clipped, and regions of zero width or height are kept (detectron2's
     # detector_postprocess clips and drops them).
     node.KEEP_EMPTY_BOXES = True
+    # Meta-architecture "VinVLRCNN": scene_graph_benchmark's labelmap (VG-SGG-dicts-vgoi6-
+    # clipped.json; label_to_idx / attribute_to_idx, 1-based): its names become thing_classes /
+    # attribute_classes of DATASETS.TEST's metadata when the model is built. "" = none.
+    node.LABELMAP = ""
     # The test resize (d2_regionfeat.modeling.vinvl.build_test_resize): "round" = detectron2's
     # ResizeShortestEdge (both sides int(x + 0.5)); "truncate" = maskrcnn-benchmark's Resize
     # (long side int(short * long / short_side), truncated; e.g. 500x333 -> 900x600, not 901).
