@@ -21,7 +21,8 @@ def record_keys(emits: RegionOutputs) -> List[str]:
     if emits.class_probs:
         keys.append("cls_prob")
     if emits.attributes:
-        keys += ["attrs_id", "attrs_conf", "attr_prob"]
+        vinvl = emits.attribute_kind == "vinvl"
+        keys += ["attr_labels", "attr_scores"] if vinvl else ["attrs_id", "attrs_conf", "attr_prob"]
     return keys
 
 
@@ -95,6 +96,9 @@ class BatchExtractor:
             record["attrs_id"] = _numpy(instances.attrs_id, np.int64)
             record["attrs_conf"] = _numpy(instances.attrs_conf, np.float32)
             record["attr_prob"] = _numpy(instances.attr_probs, np.float32)
+        if instances.has("attr_labels"):  # VinVL's attribute head
+            record["attr_labels"] = _numpy(instances.attr_labels, np.int64)
+            record["attr_scores"] = _numpy(instances.attr_scores, np.float32)
         return record
 
 

@@ -23,6 +23,9 @@ key                value                    meaning
 ``attrs_conf``     (N,) float32             its probability; only with the attribute head
 ``attr_prob``      (N, A+1) float32         attribute probabilities, "no attribute" last;
                                             only with the attribute head
+``attr_labels``    (N, L) int64             VinVL's attribute head (KIND "vinvl"): attribute
+                                            ids (0-based), descending, padded with -1
+``attr_scores``    (N, L) float32           their probabilities, padded with 0
 =================  =======================  ===============================================
 
 Layouts of other codebases hold only part of it; what they read back is a record with the
@@ -41,6 +44,7 @@ import numpy as np
 RECORD_KEYS = (
     "image_id", "image_h", "image_w", "num_bbox", "x", "bbox",
     "objects_id", "objects_conf", "cls_prob", "attrs_id", "attrs_conf", "attr_prob",
+    "attr_labels", "attr_scores",
 )
 PER_IMAGE_KEYS = RECORD_KEYS[:4]
 PER_REGION_KEYS = RECORD_KEYS[4:]

@@ -18,6 +18,8 @@ from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
 from .outputs import RegionOutputs, region_outputs
 from .region_heads import region_feature_heads
+from . import vinvl  # noqa: F401  (registers VinVL's legacy parts)
+from .ports import vinvl as _vinvl_port  # noqa: F401  (registers its checkpoint conversion)
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,
     FeatureFastRCNNOutputLayers,

@@ -54,6 +54,37 @@ def attribute_fields(attr_probs):
     return {"attr_probs": attr_probs, "attrs_id": attrs_id, "attrs_conf": attrs_conf}
 
 
+def vinvl_attribute_fields(predictor, features, classes, score_thresh=0.05, max_per_region=16):
+    """
+    The second kind of attribute output (``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"``): VinVL's
+    ``AttributePostProcessor`` on the output regions, multi-label:
+
+    1. :func:`attribute_logits` at the region's selected class (not an argmax);
+    2. softmax over all A + 1, "no attribute" set to 0 (not renormalised);
+    3. probabilities ``<= score_thresh`` set to 0; the ``max_per_region`` highest kept.
+       (VinVL's per-image cap of 100 never takes effect: its threshold is a k-th smallest
+       over a matrix mostly of zeros, so it is not restated.)
+
+    Args:
+        predictor: a module with ``cls_embedding``, ``fc_attr`` and ``attr_score``.
+        features: (M, D) the regions' features (VinVL: pooled at the output boxes).
+        classes: (M,) int64 foreground classes in [0, K).
+
+    Returns:
+        dict: ``attr_labels`` (M, max_per_region) int64, attribute ids in [0, A) in
+        descending probability, padded with -1; ``attr_scores`` (M, max_per_region) float,
+        their probabilities, padded with 0.
+    """
+    probs = F.softmax(attribute_logits(predictor, features, classes), dim=-1)[:, :-1]
+    probs = torch.where(probs > score_thresh, probs, torch.zeros_like(probs))
+    scores, labels = probs.topk(min(max_per_region, probs.shape[1]), dim=1)
+    pad = max_per_region - scores.shape[1]
+    scores = F.pad(scores, (0, pad))
+    labels = F.pad(labels, (0, pad), value=-1)
+    labels[scores == 0] = -1
+    return {"attr_labels": labels, "attr_scores": scores}
+
+
 def attribute_loss(attr_logits, gt_attributes):
     """
     Softmax cross-entropy against each region's attribute set: a region with n attributes

@@ -2,7 +2,7 @@
 from detectron2.config import CfgNode as CN
 
 SOURCES = ("box_head", "pooled")
-SELECTIONS = ("detections", "regions", "butd")
+SELECTIONS = ("detections", "regions", "butd", "vinvl")
 BOX_MODES = ("proposal", "regressed")
 POOL_AT = ("proposal", "final")
 # Constructor argument of the heads and predictors -> its key under MODEL.REGION_FEATURES.
@@ -31,6 +31,8 @@ def add_regionfeat_config(cfg):
         _add_region_features_node(cfg)
     if "ATTRIBUTE_ON" not in cfg.MODEL:
         _add_attribute_keys(cfg)
+    if "VINVL" not in cfg.MODEL:
+        _add_vinvl_keys(cfg)
 
 
 def _add_region_features_node(cfg):
@@ -59,6 +61,9 @@ def _add_region_features_node(cfg):
     # "regions": bottom-up-attention style, at most one region per proposal.
     # "butd": the selection of bottom-up-attention's tools/generate_tsv.py, to the row (per-class
     # NMS over the proposal boxes with the legacy +1 IoU, proposal order within the bounds).
+    # "vinvl": scene_graph_benchmark's filter_results_peter (NMS_FILTER 1), to the row (per-class
+    # NMS at MODEL.VINVL.NMS_THRESH over all rows in network-input pixels, best surviving class,
+    # sorted by score; BOX "proposal" = TEST.IGNORE_BOX_REGRESSION True).
     node.SELECTION = "detections"
     # "regions" and "butd" modes: keep regions scoring >= CONF_THRESH, but at least MIN_BOXES
     # and at most MAX_BOXES of them (highest scores first).
@@ -97,6 +102,43 @@ def _add_attribute_keys(cfg):
     # Training: at most this many attributes per annotation (gt_attributes has this many
     # columns, padded with -1); an annotation with more is an error.
     node.MAX_ATTRIBUTES_PER_INSTANCE = 16
+
+
+def _add_vinvl_keys(cfg):
+    # The parts of scene_graph_benchmark's VinVL detector that differ from detectron2's (see
+    # the README section "VinVL").
+    node = cfg.MODEL.VINVL = CN()
+    # SELECTION "vinvl": IoU threshold of its per-class NMS (hard-coded 0.3 there).
+    node.NMS_THRESH = 0.3
+    # SELECTION "vinvl": which NMS: "torchvision" (IoU without +1, suppress when > threshold;
+    # scene_graph_benchmark HEAD), "legacy_ge" / "legacy_gt" (its first release's compiled
+    # _C.nms: +1 IoU, suppress when >= (CPU) / > (CUDA)).
+    node.NMS_IOU = "torchvision"
+    # Meta-architecture "VinVLRCNN": every FrozenBatchNorm2d computes x * w / sqrt(var) + ...,
+    # without eps (maskrcnn-benchmark's FrozenBatchNorm2d).
+    node.FROZEN_BN_NO_EPS = True
+    # Meta-architecture "VinVLRCNN": output boxes are only rescaled to the original image size
+    # (BoxList.resize), never clipped, and regions of zero width or height are kept (detectron2's
+    # detector_postprocess clips and drops them).
+    node.KEEP_EMPTY_BOXES = True
+    # Meta-architecture "VinVLRCNN": scene_graph_benchmark's labelmap (VG-SGG-dicts-vgoi6-
+    # clipped.json; label_to_idx / attribute_to_idx, 1-based): its names become thing_classes /
+    # attribute_classes of DATASETS.TEST's metadata when the model is built. "" = none.
+    node.LABELMAP = ""
+    # The test resize (d2_regionfeat.modeling.vinvl.build_test_resize): "round" = detectron2's
+    # ResizeShortestEdge (both sides int(x + 0.5)); "truncate" = maskrcnn-benchmark's Resize
+    # (long side int(short * long / short_side), truncated; e.g. 500x333 -> 900x600, not 901).
+    cfg.INPUT.RESIZE_LONG_SIDE = "round"
+    attributes = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+    # "butd": bottom-up-attention's head (class = argmax of all K + 1 logits, the proposal's
+    # feature; attr_probs / attrs_id / attrs_conf). "vinvl": scene_graph_benchmark's, with
+    # META_ARCHITECTURE "VinVLRCNN" and PREDICTOR "VinVLOutputLayers": class = the selected one,
+    # feature pooled again at the output box, softmax over A + 1 with "no attribute" zeroed,
+    # kept > SCORE_THRESH, at most MAX_PER_REGION: attr_labels (M, MAX_PER_REGION) attribute ids
+    # padded with -1, attr_scores (M, MAX_PER_REGION) padded with 0.
+    attributes.KIND = "butd"
+    attributes.SCORE_THRESH = 0.05
+    attributes.MAX_PER_REGION = 16
 
 
 def _check_choice(key, value, choices):
@@ -171,4 +213,21 @@ def attribute_head_node(cfg):
         raise ValueError(
             f"MODEL.ROI_ATTRIBUTE_HEAD.LOSS_WEIGHT must be >= 0; got {node.LOSS_WEIGHT}"
         )
+    return node
+
+
+def vinvl_node(cfg):
+    """Return ``cfg.MODEL.VINVL`` after checking its values (ValueError naming the key)."""
+    from .selection import VINVL_NMS
+
+    node = cfg.MODEL.VINVL
+    if node.NMS_IOU not in VINVL_NMS:
+        raise ValueError(
+            f"MODEL.VINVL.NMS_IOU must be one of {', '.join(VINVL_NMS)}; got {node.NMS_IOU!r}"
+        )
+    if not 0.0 <= node.NMS_THRESH <= 1.0:
+        raise ValueError(f"MODEL.VINVL.NMS_THRESH must be within [0, 1]; got {node.NMS_THRESH}")
+    kind = cfg.MODEL.ROI_ATTRIBUTE_HEAD.KIND
+    if kind not in ("butd", "vinvl"):
+        raise ValueError(f'MODEL.ROI_ATTRIBUTE_HEAD.KIND must be "butd" or "vinvl"; got {kind!r}')
     return node

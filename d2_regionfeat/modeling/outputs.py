@@ -26,6 +26,10 @@ class RegionOutputs:
         num_attributes: A; 0 when there is no attribute head, else ``attr_probs``
             (M, A+1, "no attribute" last), ``attrs_id`` (M,) and ``attrs_conf`` (M,) are there.
         selection: how the regions were chosen (``MODEL.REGION_FEATURES.SELECTION``).
+        attribute_kind: "butd" (the fields above) or "vinvl" (``ROI_ATTRIBUTE_HEAD.KIND``):
+            ``attr_labels`` (M, L) attribute ids padded with -1 and ``attr_scores`` (M, L)
+            padded with 0 instead, L = ``max_attributes``.
+        max_attributes: L, the "vinvl" kind's attributes per region.
     """
 
     feature_dim: Optional[int]
@@ -33,6 +37,8 @@ class RegionOutputs:
     class_probs: bool
     num_attributes: int = 0
     selection: str = "detections"
+    attribute_kind: str = "butd"
+    max_attributes: int = 16
 
     @property
     def attributes(self) -> bool:
@@ -44,7 +50,10 @@ class RegionOutputs:
         fields = {"box_features": f"(M, {d})", "proposal_index": "(M,)"}
         if self.class_probs:
             fields["class_probs"] = f"(M, {self.num_classes + 1})"
-        if self.attributes:
+        if self.attributes and self.attribute_kind == "vinvl":
+            shape = f"(M, {self.max_attributes})"
+            fields.update(attr_labels=shape, attr_scores=shape)
+        elif self.attributes:
             fields.update(
                 attr_probs=f"(M, {self.num_attributes + 1})", attrs_id="(M,)", attrs_conf="(M,)"
             )

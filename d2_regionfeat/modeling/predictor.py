@@ -13,8 +13,8 @@ from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
 from .attributes import attribute_fields, attribute_logits, attribute_loss, gt_attribute_rows
-from .config import attribute_head_node, check_region_settings, region_features_node
-from .selection import select_butd, select_detections, select_regions
+from .config import attribute_head_node, check_region_settings, region_features_node, vinvl_node
+from .selection import select_butd, select_detections, select_regions, select_vinvl
 
 ROI_BOX_PREDICTOR_REGISTRY = Registry("ROI_BOX_PREDICTOR")
 ROI_BOX_PREDICTOR_REGISTRY.__doc__ = """
@@ -59,7 +59,7 @@ class RegionSelection:
 
     def _init_selection(
         self, selection="detections", class_probs=False, conf_thresh=0.2, min_boxes=10,
-        max_boxes=100, region_box="proposal", min_regions=0,
+        max_boxes=100, region_box="proposal", min_regions=0, vinvl_nms=(0.3, "torchvision"),
     ):
         """Set and check the settings (see :class:`FeatureFastRCNNOutputLayers`)."""
         check_region_settings(
@@ -73,6 +73,7 @@ class RegionSelection:
         self.max_boxes = max_boxes
         self.region_box = region_box
         self.min_regions = min_regions
+        self.vinvl_nms = vinvl_nms
         self._output_shapes = None
 
     @contextlib.contextmanager
@@ -117,6 +118,12 @@ class RegionSelection:
                 probs, proposal_boxes, image_size, self._output_shapes[index], self.conf_thresh,
                 max(self.min_boxes, self.min_regions), max(self.max_boxes, self.min_regions),
                 nms_thresh,
+            )
+        if self.selection == "vinvl":
+            return select_vinvl(
+                boxes, probs, proposal_boxes, image_size, self.conf_thresh,
+                max(self.min_boxes, self.min_regions), max(self.max_boxes, self.min_regions),
+                *self.vinvl_nms, self.region_box,
             )
         # MIN_REGIONS raises the bounds of the region-per-proposal modes
         if self.selection == "regions":
@@ -203,6 +210,7 @@ class FeatureFastRCNNOutputLayers(RegionSelection, FastRCNNOutputLayers):
         attr_hidden_dim: int = 512,
         attr_loss_weight: float = 1.0,
         max_attributes: int = 16,
+        vinvl_nms: Tuple[float, str] = (0.3, "torchvision"),
         **kwargs,
     ):
         """
@@ -218,11 +226,13 @@ class FeatureFastRCNNOutputLayers(RegionSelection, FastRCNNOutputLayers):
             attr_embed_dim, attr_hidden_dim: sizes E and H of the attribute head.
             attr_loss_weight: weight of ``loss_attr``.
             max_attributes: columns of ``gt_attributes`` (for images without annotations).
+            vinvl_nms: "vinvl" mode's NMS threshold and IoU (see :func:`select_vinvl`).
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
         self._init_selection(
-            selection, class_probs, conf_thresh, min_boxes, max_boxes, region_box, min_regions
+            selection, class_probs, conf_thresh, min_boxes, max_boxes, region_box, min_regions,
+            vinvl_nms,
         )
         self.attribute_on = num_attributes > 0
         if self.attribute_on:
@@ -247,6 +257,7 @@ class FeatureFastRCNNOutputLayers(RegionSelection, FastRCNNOutputLayers):
             max_boxes=node.MAX_BOXES,
             region_box=node.BOX,
             min_regions=node.MIN_REGIONS,
+            vinvl_nms=(vinvl_node(cfg).NMS_THRESH, cfg.MODEL.VINVL.NMS_IOU),
         )
         attributes = attribute_head_node(cfg)
         if attributes is not None:

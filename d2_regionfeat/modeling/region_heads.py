@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import CfgNode
@@ -133,8 +132,9 @@ class _Recorder:
                     "detections; it must give one row per proposal"
                 )
             rows, self.source_rows = self.source_rows, None
-        attr_logits = getattr(output, "attr_logits", None)
-        self.attr_probs = F.softmax(attr_logits, dim=-1) if attr_logits is not None else None
+        # the predictor's own attribute probabilities (None without an attribute head)
+        predict_attr_probs = getattr(module, "predict_attr_probs", None)
+        self.attr_probs = predict_attr_probs(output) if predict_attr_probs is not None else None
         self.rows, self.proposal_boxes = rows, self.pooled_boxes
         self.offset = self.image = 0
         self.calls += 1
@@ -307,6 +307,7 @@ class RegionFeatureHeadsMixin:
             class_probs=settings.class_probs,
             num_attributes=predictor.attr_score.out_features - 1 if with_attributes else 0,
             selection=settings.selection,
+            **getattr(predictor, "attribute_outputs", {}),
         )
 
     def forward(self, images, features, proposals, *args, **kwargs):

@@ -10,6 +10,7 @@ and return ``(instances, kept)`` where ``kept`` (M,) holds, for each output row,
 among the image's proposals that produced it.
 """
 import torch
+from torchvision.ops import nms as torchvision_nms
 
 from detectron2.layers import batched_nms
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
@@ -207,3 +208,122 @@ def select_butd(probs, proposal_boxes, image_shape, output_shape, conf_thresh, m
     result.pred_boxes = Boxes(proposal_boxes.tensor[kept])
     result.scores, result.pred_classes = probs[kept, :-1].max(dim=1)
     return result, kept
+
+
+def pixel_iou(boxes, others):
+    """
+    (..., N, M) IoU of x1y1x2y2 boxes (..., N, 4) and (..., M, 4) with the +1 pixel convention
+    of maskrcnn-benchmark's compiled NMS (widths ``x2 - x1 + 1``), in the boxes' dtype.
+    """
+    a, b = boxes[..., :, None, :], others[..., None, :, :]
+    widths = (torch.min(a[..., 2], b[..., 2]) - torch.max(a[..., 0], b[..., 0]) + 1).clamp(min=0)
+    heights = (torch.min(a[..., 3], b[..., 3]) - torch.max(a[..., 1], b[..., 1]) + 1).clamp(min=0)
+    inter = widths * heights
+    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+    return inter / (area_a + area_b - inter)
+
+
+# NMS_IOU values of select_vinvl: which NMS scene_graph_benchmark had installed.
+VINVL_NMS = ("torchvision", "legacy_ge", "legacy_gt")
+
+
+def vinvl_nms_mask(class_boxes, scores, nms_thresh, nms_iou="torchvision", chunk=64):
+    """
+    Per-class NMS over all rows, as ``filter_results_peter``'s step 1.
+
+    Args:
+        class_boxes: (R, K, 4) each row's box for each foreground class.
+        scores: (R, K) each row's probability of each foreground class.
+        nms_iou: "torchvision" (IoU without +1, suppressed when IoU > ``nms_thresh``:
+            scene_graph_benchmark HEAD), "legacy_ge" / "legacy_gt" (the compiled ``_C.nms``
+            of its first release: +1 IoU, suppressed when >= (CPU kernel) / > (CUDA kernel)).
+        chunk: classes processed together by the legacy NMS (memory: chunk * R * R).
+
+    Returns:
+        (R, K) bool: row i survives class j's NMS.
+    """
+    num_rows, num_classes = scores.shape
+    survived = torch.zeros(num_rows, num_classes, dtype=torch.bool, device=scores.device)
+    if num_rows == 0:
+        return survived
+    if nms_iou == "torchvision":
+        # one NMS of R boxes per class: far cheaper than one batched NMS of R * K boxes
+        for j in range(num_classes):
+            survived[torchvision_nms(class_boxes[:, j], scores[:, j], nms_thresh), j] = True
+        return survived
+    # greedy NMS of every class of a chunk at once, one rank per step (ties: lower row first)
+    for start in range(0, num_classes, chunk):
+        boxes = class_boxes[:, start:start + chunk].transpose(0, 1)  # (C, R, 4)
+        iou = pixel_iou(boxes, boxes)  # (C, R, R)
+        overlaps = iou >= nms_thresh if nms_iou == "legacy_ge" else iou > nms_thresh
+        order = torch.sort(scores[:, start:start + chunk].t(), dim=1, descending=True,
+                           stable=True).indices  # (C, R)
+        kept = torch.zeros_like(order, dtype=torch.bool)
+        index = torch.arange(len(order), device=scores.device)
+        for rank in range(num_rows):
+            candidates = order[:, rank]
+            suppressed = (overlaps[index, candidates] & kept).any(dim=1)
+            kept[index, candidates] = ~suppressed
+        survived[:, start:start + chunk] = kept.t()
+    return survived
+
+
+def select_vinvl(
+    boxes, probs, proposal_boxes, image_shape, conf_thresh, min_boxes, max_boxes, nms_thresh,
+    nms_iou="torchvision", box_mode="proposal",
+):
+    """
+    scene_graph_benchmark's ``PostProcessor.filter_results_peter`` (``NMS_FILTER 1``, the
+    VinVL feature extraction), step by step, in network-input pixels:
+
+    1. every row's per-class boxes (the proposal for each class with ``box_mode``
+       "proposal", as ``TEST.IGNORE_BOX_REGRESSION True``; else the class-regressed boxes),
+       clipped to [0, W - 1] x [0, H - 1]; per foreground class, NMS at ``nms_thresh`` over
+       all rows scored by that class's probability (:func:`vinvl_nms_mask`);
+    2. each row scored by the highest probability among the classes it survived, labelled
+       with that class; a row that survives no class (score 0) is out;
+    3. the remaining rows sorted by score, descending (ties: lower row first); n = those
+       scoring >= ``conf_thresh``; kept: the first ``min_boxes`` if n < ``min_boxes``, the
+       first ``max_boxes`` if n > ``max_boxes``, else the n;
+    4. reported box: that class's box of step 1 (proposal or regressed, clipped).
+
+    Args:
+        boxes: (R, K*4) class-specific or (R, 4) class-agnostic regressed boxes.
+        probs: (R, K+1) class probabilities, background last.
+        proposal_boxes (Boxes): the R proposals, network-input coordinates.
+        image_shape: (h, w) of the network input.
+        nms_iou: see :func:`vinvl_nms_mask`.
+        box_mode: "proposal" or "regressed".
+
+    Returns:
+        Instances with ``pred_boxes``, ``scores``, ``pred_classes``, in descending score;
+        and kept (M,).
+    """
+    valid = finite_rows(boxes, probs)
+    rows = valid.nonzero()[:, 0]
+    fg_probs = probs[rows, :-1]
+    num_classes = fg_probs.shape[1]
+    source = proposal_boxes.tensor if box_mode == "proposal" else boxes
+    class_boxes = source[rows].reshape(len(rows), -1, 4).expand(-1, num_classes, -1).clone()
+    height, width = image_shape
+    class_boxes[..., 0::2] = class_boxes[..., 0::2].clamp(min=0, max=width - 1)
+    class_boxes[..., 1::2] = class_boxes[..., 1::2].clamp(min=0, max=height - 1)
+
+    survived = vinvl_nms_mask(class_boxes, fg_probs, nms_thresh, nms_iou)
+    scores, classes = (fg_probs * survived).max(dim=1)
+    candidates = (scores != 0).nonzero()[:, 0]
+    order = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices]
+    num_confident = int((scores[order] >= conf_thresh).sum())
+    if num_confident < min_boxes:
+        order = order[:min_boxes]
+    elif num_confident > max_boxes:
+        order = order[:max_boxes]
+    else:
+        order = order[:num_confident]
+
+    result = Instances(image_shape)
+    result.pred_boxes = Boxes(class_boxes[order, classes[order]])
+    result.scores = scores[order]
+    result.pred_classes = classes[order]
+    return result, rows[order]

@@ -1,0 +1,419 @@
+"""
+The parts of scene_graph_benchmark's VinVL detector (maskrcnn-benchmark conventions) that
+differ numerically from detectron2's stock ones, each a registered part or a config value
+(``MODEL.VINVL``, see :func:`d2_regionfeat.modeling.config.add_regionfeat_config`); nothing
+here changes a stock part:
+
+* :class:`LegacyFrozenBatchNorm2d`: ``x * w / sqrt(var) + (b - mean * w / sqrt(var))``, no
+  eps (``MODEL.VINVL.FROZEN_BN_NO_EPS``, applied by :class:`VinVLRCNN`);
+* :class:`VinVLAnchorGenerator` (``ANCHOR_GENERATOR.NAME``): py-faster-rcnn's
+  ``generate_anchors``, rounded sizes, +1 convention, centre 7.5 of a 16-px cell, ratio-major;
+* :class:`LegacyBox2BoxTransform`: widths ``x2 - x1 + 1``, ``x2 = cx + w / 2 - 1``;
+* :class:`VinVLRPN` (``PROPOSAL_GENERATOR.NAME``): the legacy box coder, top-k and NMS on the
+  sigmoid probability, clipping to [0, W - 1] x [0, H - 1], the min-size filter with +1
+  widths (keeps boxes clipped to zero width), NMS IoU ``MODEL.VINVL.NMS_IOU``;
+* :class:`VinVLOutputLayers` (``REGION_FEATURES.PREDICTOR``): the legacy box coder in the box
+  predictor, and VinVL's attribute head (``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"``, see
+  :func:`d2_regionfeat.modeling.attributes.vinvl_attribute_fields`);
+* :class:`VinVLResize` (``INPUT.RESIZE_LONG_SIDE: "truncate"``, :func:`build_test_resize`):
+  the long side truncated, not rounded;
+* :class:`VinVLRCNN` (``META_ARCHITECTURE``): output boxes only rescaled to the original
+  image, never clipped nor dropped when empty (``MODEL.VINVL.KEEP_EMPTY_BOXES``).
+
+ROIAlign with ``aligned=False`` is detectron2's ``ROI_BOX_HEAD.POOLER_TYPE: "ROIAlign"``;
+background first in the class rows is the checkpoint conversion's business
+(:mod:`d2_regionfeat.modeling.ports.vinvl`).
+"""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY
+from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.proposal_generator.rpn import RPN
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.file_io import PathManager
+
+from .attributes import vinvl_attribute_fields
+from .checkpoint import register_checkpoint_conversion
+from .config import vinvl_node
+from .meta_arch import RegionFeatureRCNN
+from .predictor import ROI_BOX_PREDICTOR_REGISTRY, FeatureFastRCNNOutputLayers
+from .selection import vinvl_nms_mask
+
+
+class LegacyFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """detectron2's FrozenBatchNorm2d (same buffers) with maskrcnn-benchmark's formula."""
+
+    def forward(self, x):
+        """(N, C, H, W) -> (N, C, H, W): ``x * scale + shift``, scale = weight / sqrt(var)."""
+        scale = self.weight * self.running_var.rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def use_legacy_frozen_bn(module):
+    """Switch every FrozenBatchNorm2d under ``module`` to :class:`LegacyFrozenBatchNorm2d`
+    (in place, buffers kept); returns how many."""
+    count = 0
+    for m in module.modules():
+        if type(m) is FrozenBatchNorm2d:
+            m.__class__ = LegacyFrozenBatchNorm2d
+            count += 1
+    return count
+
+
+def legacy_cell_anchors(stride, sizes, aspect_ratios):
+    """
+    py-faster-rcnn's ``generate_anchors(stride, sizes / stride, ratios)``: around the centre
+    ((stride - 1) / 2, (stride - 1) / 2), widths ``round(sqrt(stride^2 / r))`` and heights
+    ``round(w * r)`` (numpy rounding, half to even) scaled by size / stride, corners at
+    ``centre -+ (w - 1) / 2``.
+
+    Returns:
+        Tensor (len(aspect_ratios) * len(sizes), 4) float32, ratio-major.
+    """
+    centre = (stride - 1) / 2.0
+    anchors = []
+    for ratio in aspect_ratios:
+        base_w = np.round(np.sqrt(stride * stride / ratio))
+        base_h = np.round(base_w * ratio)
+        for size in sizes:
+            w, h = base_w * size / stride, base_h * size / stride
+            anchors.append([centre - (w - 1) / 2, centre - (h - 1) / 2,
+                            centre + (w - 1) / 2, centre + (h - 1) / 2])
+    return torch.tensor(anchors, dtype=torch.float32)
+
+
+@ANCHOR_GENERATOR_REGISTRY.register()
+class VinVLAnchorGenerator(DefaultAnchorGenerator):
+    """
+    :class:`DefaultAnchorGenerator` with maskrcnn-benchmark's cell anchors
+    (:func:`legacy_cell_anchors`, one feature map per stride); the grid starts at 0
+    (``ANCHOR_GENERATOR.OFFSET`` must be 0: the cell anchors are already centred at
+    (stride - 1) / 2).
+    """
+
+    @configurable
+    def __init__(self, *, sizes, aspect_ratios, strides, offset=0.0):
+        if offset != 0.0:
+            raise ValueError(
+                f"MODEL.ANCHOR_GENERATOR.OFFSET must be 0.0 for VinVLAnchorGenerator; got {offset}"
+            )
+        self._strides_for_cells = strides
+        super().__init__(sizes=sizes, aspect_ratios=aspect_ratios, strides=strides, offset=offset)
+
+    def _calculate_anchors(self, sizes, aspect_ratios):
+        from detectron2.modeling.anchor_generator import BufferList
+
+        return BufferList([
+            legacy_cell_anchors(stride, s, a)
+            for stride, s, a in zip(self._strides_for_cells, sizes, aspect_ratios)
+        ])
+
+
+class LegacyBox2BoxTransform(Box2BoxTransform):
+    """maskrcnn-benchmark's ``BoxCoder``: :class:`Box2BoxTransform` with the +1 convention."""
+
+    def get_deltas(self, src_boxes, target_boxes):
+        """(N, 4), (N, 4) -> (N, 4) deltas (dx, dy, dw, dh), widths ``x2 - x1 + 1``."""
+        def centres(boxes):
+            widths = boxes[:, 2] - boxes[:, 0] + 1
+            heights = boxes[:, 3] - boxes[:, 1] + 1
+            return boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights, widths, heights
+
+        sx, sy, sw, sh = centres(src_boxes)
+        tx, ty, tw, th = centres(target_boxes)
+        wx, wy, ww, wh = self.weights
+        return torch.stack([wx * (tx - sx) / sw, wy * (ty - sy) / sh,
+                            ww * torch.log(tw / sw), wh * torch.log(th / sh)], dim=1)
+
+    def apply_deltas(self, deltas, boxes):
+        """(N, k*4) deltas on (N, 4) boxes -> (N, k*4), ``x2 = cx + w / 2 - 1``."""
+        deltas = deltas.float()
+        boxes = boxes.to(deltas.dtype)
+        widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        heights = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        ctr_x = boxes[:, 0, None] + 0.5 * widths
+        ctr_y = boxes[:, 1, None] + 0.5 * heights
+        wx, wy, ww, wh = self.weights
+        dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+        dw = (deltas[:, 2::4] / ww).clamp(max=self.scale_clamp)
+        dh = (deltas[:, 3::4] / wh).clamp(max=self.scale_clamp)
+        cx, cy = dx * widths + ctr_x, dy * heights + ctr_y
+        w, h = torch.exp(dw) * widths, torch.exp(dh) * heights
+        out = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1], dim=2)
+        return out.reshape(deltas.shape)
+
+
+def clip_legacy(boxes, image_size):
+    """(N, 4) boxes clamped to [0, W - 1] x [0, H - 1] (``BoxList.clip_to_image``)."""
+    height, width = image_size
+    x = boxes[:, 0::2].clamp(min=0, max=width - 1)
+    y = boxes[:, 1::2].clamp(min=0, max=height - 1)
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class VinVLRPN(RPN):
+    """
+    :class:`RPN` (same head, anchors from ``ANCHOR_GENERATOR``, same training) whose box coder
+    is :class:`LegacyBox2BoxTransform` and whose inference is maskrcnn-benchmark's
+    ``RPNPostProcessor`` on one feature map, per image: the top ``PRE_NMS_TOPK_TEST`` by
+    sigmoid probability (ties: lower index first), decoded, clipped to [0, W - 1] x
+    [0, H - 1], kept when ``x2 - x1 + 1 >= MIN_SIZE`` and ``y2 - y1 + 1 >= MIN_SIZE``, NMS at
+    ``NMS_THRESH`` (IoU ``MODEL.VINVL.NMS_IOU``) on the probability, the first
+    ``POST_NMS_TOPK_TEST``. Proposals keep ``objectness_logits`` (the logits).
+    """
+
+    @configurable
+    def __init__(self, *, nms_iou: str = "torchvision", **kwargs):
+        super().__init__(**kwargs)
+        self.nms_iou = nms_iou
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["box2box_transform"] = LegacyBox2BoxTransform(weights=cfg.MODEL.RPN.BBOX_REG_WEIGHTS)
+        ret["nms_iou"] = vinvl_node(cfg).NMS_IOU
+        if len(ret["in_features"]) != 1:
+            raise ValueError(
+                f"VinVLRPN takes one feature map (MODEL.RPN.IN_FEATURES); got {ret['in_features']}"
+            )
+        return ret
+
+    def predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
+        """
+        Args: as :meth:`RPN.predict_proposals`, one feature map: logits (N, Hi*Wi*A),
+        deltas (N, Hi*Wi*A, 4).
+
+        Returns:
+            list[Instances]: per image, ``proposal_boxes`` and ``objectness_logits``, in
+            descending probability.
+        """
+        with torch.no_grad():
+            proposals = self._decode_proposals(anchors, pred_anchor_deltas)[0]
+            topk = self.pre_nms_topk[self.training]
+            results = []
+            for boxes, logits, size in zip(proposals, pred_objectness_logits[0], image_sizes):
+                probs = logits.sigmoid()
+                order = torch.sort(probs, descending=True, stable=True).indices[:topk]
+                boxes, probs, logits = clip_legacy(boxes[order], size), probs[order], logits[order]
+                widths, heights = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+                keep = (widths >= self.min_box_size) & (heights >= self.min_box_size)
+                boxes, probs, logits = boxes[keep], probs[keep], logits[keep]
+                survived = vinvl_nms_mask(boxes[:, None], probs[:, None], self.nms_thresh,
+                                          self.nms_iou)[:, 0]
+                keep = survived.nonzero()[:, 0][: self.post_nms_topk[self.training]]
+                result = Instances(size)
+                result.proposal_boxes = Boxes(boxes[keep])
+                result.objectness_logits = logits[keep]
+                results.append(result)
+            return results
+
+
+@ROI_BOX_PREDICTOR_REGISTRY.register()
+class VinVLOutputLayers(FeatureFastRCNNOutputLayers):
+    """
+    :class:`FeatureFastRCNNOutputLayers` (same parameters and outputs) with maskrcnn-benchmark's
+    box coder (:class:`LegacyBox2BoxTransform`, weights ``ROI_BOX_HEAD.BBOX_REG_WEIGHTS``).
+    With ``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"`` it leaves the attributes out of the selection:
+    :class:`VinVLRCNN` adds VinVL's afterwards, from the output boxes.
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, attribute_kind: str = "butd", max_attributes_per_region=16,
+                 **kwargs):
+        super().__init__(input_shape, **kwargs)
+        # the given transform's weights and clamp (a Feature head passes its stock one) in
+        # maskrcnn-benchmark's +1 convention
+        stock = self.box2box_transform
+        self.box2box_transform = LegacyBox2BoxTransform(stock.weights, stock.scale_clamp)
+        self.attribute_kind = attribute_kind
+        # what region_outputs() reports of the attribute fields
+        self.attribute_outputs = {
+            "attribute_kind": attribute_kind, "max_attributes": max_attributes_per_region
+        }
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["attribute_kind"] = cfg.MODEL.ROI_ATTRIBUTE_HEAD.KIND
+        ret["max_attributes_per_region"] = cfg.MODEL.ROI_ATTRIBUTE_HEAD.MAX_PER_REGION
+        return ret
+
+    def predict_attr_probs(self, predictions):
+        if self.attribute_kind == "vinvl":
+            return None
+        return super().predict_attr_probs(predictions)
+
+
+def vinvl_resize_shape(height, width, short, max_size):
+    """maskrcnn-benchmark's ``Resize.get_size``: (new height, new width), long side truncated."""
+    small, large = float(min(height, width)), float(max(height, width))
+    if large / small * short > max_size:
+        short = int(round(max_size * small / large))
+    if min(height, width) == short:
+        return height, width
+    if width < height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+class VinVLResize(T.Augmentation):
+    """Resize as maskrcnn-benchmark's test transform (see :func:`vinvl_resize_shape`)."""
+
+    def __init__(self, short_edge_length, max_size, interp=Image.BILINEAR):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        new_h, new_w = vinvl_resize_shape(h, w, self.short_edge_length, self.max_size)
+        return T.ResizeTransform(h, w, new_h, new_w, self.interp)
+
+
+def build_test_resize(cfg):
+    """The test resize ``INPUT.RESIZE_LONG_SIDE`` asks for: detectron2's ("round") or VinVL's."""
+    short, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    rule = cfg.INPUT.RESIZE_LONG_SIDE
+    if rule == "round":
+        return T.ResizeShortestEdge([short, short], max_size)
+    if rule == "truncate":
+        return VinVLResize(short, max_size)
+    raise ValueError(f'INPUT.RESIZE_LONG_SIDE must be "round" or "truncate"; got {rule!r}')
+
+
+def rescale_boxes(instances, height, width):
+    """``BoxList.resize``: ``instances`` with ``pred_boxes`` scaled to (height, width), no clip."""
+    out = Instances((height, width), **instances.get_fields())
+    boxes = Boxes(instances.pred_boxes.tensor.clone())
+    boxes.scale(width / instances.image_size[1], height / instances.image_size[0])
+    out.pred_boxes = boxes
+    return out
+
+
+def read_labelmap(path):
+    """
+    Class and attribute names of a scene_graph_benchmark labelmap
+    (``VG-SGG-dicts-vgoi6-clipped.json``): ``label_to_idx`` / ``attribute_to_idx``, 1-based
+    (0 is background / "no attribute"), as 0-based lists.
+
+    Raises:
+        ValueError: unreadable file, missing key, or indexes that are not 1..N (one line).
+    """
+    try:
+        with PathManager.open(path, "r") as f:
+            labelmap = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read VinVL labelmap {path!r}: {e}") from None
+    names = []
+    for key in ("label_to_idx", "attribute_to_idx"):
+        if not isinstance(labelmap.get(key), dict):
+            raise ValueError(f"VinVL labelmap {path!r} has no {key!r} mapping")
+        order = sorted(labelmap[key].items(), key=lambda item: int(item[1]))
+        if [int(i) for _, i in order] != list(range(1, len(order) + 1)):
+            raise ValueError(f"VinVL labelmap {path!r}: {key} indexes are not 1..{len(order)}")
+        names.append([name for name, _ in order])
+    return tuple(names)
+
+
+def register_labelmap(cfg):
+    """
+    Put ``MODEL.VINVL.LABELMAP``'s names (when set) into the metadata of every dataset of
+    ``DATASETS.TEST`` as ``thing_classes`` and ``attribute_classes`` (the extraction's labels
+    column); their counts must be the model's.
+    """
+    path = cfg.MODEL.VINVL.LABELMAP
+    if not path:
+        return
+    classes, attributes = read_labelmap(path)
+    wanted = (cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES)
+    if len(classes) != wanted[0] or (cfg.MODEL.ATTRIBUTE_ON and len(attributes) != wanted[1]):
+        raise ValueError(
+            f"MODEL.VINVL.LABELMAP {path!r} names {len(classes)} classes and {len(attributes)} "
+            f"attributes; the model has {wanted[0]} and {wanted[1]}"
+        )
+    for dataset in cfg.DATASETS.TEST:
+        MetadataCatalog.get(dataset).set(thing_classes=classes, attribute_classes=attributes)
+
+
+@META_ARCH_REGISTRY.register()
+class VinVLRCNN(RegionFeatureRCNN):
+    """
+    :class:`RegionFeatureRCNN` as scene_graph_benchmark's ``AttrRCNN`` runs at test:
+
+    * every FrozenBatchNorm2d without eps (``MODEL.VINVL.FROZEN_BN_NO_EPS``);
+    * with ``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"``, VinVL's attribute head on the output
+      regions (:func:`vinvl_attribute_fields`): their features pooled again at the output
+      boxes (network-input pixels) and the selected classes;
+    * output boxes rescaled to the original size only (``MODEL.VINVL.KEEP_EMPTY_BOXES``),
+      not clipped, and regions of zero width or height kept;
+    * the names of ``MODEL.VINVL.LABELMAP`` in ``DATASETS.TEST``'s metadata
+      (:func:`register_labelmap`).
+    """
+
+    @configurable
+    def __init__(self, *, legacy_frozen_bn=True, keep_empty_boxes=True, attribute_head=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        register_checkpoint_conversion(self)  # VinVL's checkpoint spans the whole model
+        if legacy_frozen_bn:
+            use_legacy_frozen_bn(self)
+        self.keep_empty_boxes = keep_empty_boxes
+        self.attribute_head = attribute_head
+        if attribute_head is not None:
+            self.roi_heads.register_forward_hook(self._add_attributes)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        node = vinvl_node(cfg)
+        register_labelmap(cfg)
+        ret.update(legacy_frozen_bn=node.FROZEN_BN_NO_EPS, keep_empty_boxes=node.KEEP_EMPTY_BOXES)
+        attributes = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+        if cfg.MODEL.ATTRIBUTE_ON and attributes.KIND == "vinvl":
+            ret["attribute_head"] = (attributes.SCORE_THRESH, attributes.MAX_PER_REGION)
+        return ret
+
+    def _add_attributes(self, roi_heads, args, output):
+        """Forward hook of the ROI heads: VinVL's attribute fields on each output Instances."""
+        if self.training:
+            return
+        _, features, _ = args[:3]
+        instances = output[0]
+        boxes = [x.pred_boxes for x in instances]
+        if sum(len(b) for b in boxes) == 0:
+            feats = None
+        else:
+            feats = roi_heads.region_features(
+                {k: v.float() for k, v in features.items()}, boxes
+            ).split([len(b) for b in boxes])
+        for i, x in enumerate(instances):
+            region = feats[i] if feats is not None else x.box_features[:0]
+            for name, value in vinvl_attribute_fields(
+                roi_heads.feature_predictor, region, x.pred_classes, *self.attribute_head
+            ).items():
+                x.set(name, value)
+
+    def inference(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
+        if not do_postprocess:
+            return results
+        processed = []
+        for result, x in zip(results, batched_inputs):
+            height = x.get("height", result.image_size[0])
+            width = x.get("width", result.image_size[1])
+            if self.keep_empty_boxes:
+                processed.append({"instances": rescale_boxes(result, height, width)})
+            else:
+                processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
