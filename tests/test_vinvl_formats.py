@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from d2_regionfeat.formats import WRITERS, read_features
+from d2_regionfeat.formats import WRITERS
+from d2_regionfeat.io import read_features
+from d2_regionfeat.modeling.vocabulary import Vocabularies
 from d2_regionfeat.formats.records import spatial6
 from d2_regionfeat.modeling.vinvl import read_labelmap
 
@@ -36,7 +38,8 @@ def write(tmp_path, fmt, manifest):
     writer = WRITERS[fmt](str(tmp_path), 0, 1)
     writer.write(records())
     writer.close()
-    WRITERS[fmt].merge(str(tmp_path), 1)
+    names = Vocabularies(manifest.get("class_names"), manifest.get("attribute_names"))
+    WRITERS[fmt].merge(str(tmp_path), 1, **({"names": names} if WRITERS[fmt].takes_names else {}))
 
 
 def sgb_reader(path):

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..formats import WRITERS, LayoutIdError, WriteOnlyLayoutError, read_features
 from ..formats.records import int_id
+from ..modeling.vocabulary import Vocabularies
 from .manifest import read_manifest
 from .run import FAILURES_NAME, NO_REGIONS, NO_REGIONS_NAME, RunFolder, check_formats, check_ids, read_log
 
@@ -132,7 +133,8 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
 
     source_counts = source_manifest["counts"]
     return run.finish(
-        1, source_manifest.get("class_names"), inputs=source_counts["inputs"],
+        1, Vocabularies(source_manifest.get("class_names"), source_manifest.get("attribute_names")),
+        inputs=source_counts["inputs"],
         written=source_counts["written"], feature_dim=source_manifest.get("feature_dim"),
     )
 

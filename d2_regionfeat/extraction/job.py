@@ -173,7 +173,7 @@ def _check_needs(emits: RegionOutputs, formats):
 def finish(job: ExtractionJob, world_size: int):
     """Rank 0, all ranks done: merge the parts, complete the manifest."""
     RunFolder(job.output_dir, job.formats).finish(
-        world_size, job.names.class_names, inputs=len(job.items), num_classes=job.emits.num_classes
+        world_size, job.names, inputs=len(job.items), num_classes=job.emits.num_classes
     )
 
 

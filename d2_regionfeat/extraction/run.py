@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 from .. import formats as layouts
 from ..formats import WRITERS, LayoutIdError
 from ..formats.safety import LineLog, new_part, part_path, replace_with_copy
+from ..modeling.vocabulary import Vocabularies
 from .manifest import MANIFEST_NAME, claim_output_folder, read_manifest, write_manifest
 
 NO_REGIONS = "no regions"
@@ -152,16 +153,16 @@ def _count_lines(path):
 
 
 def merge_outputs(output_dir: str, formats: Sequence[str], world_size: int,
-                  class_names: Optional[Sequence[str]] = None) -> Dict:
+                  names: Optional[Vocabularies] = None) -> Dict:
     """
-    Rank 0, all ranks closed: merge every layout and log; ``class_names`` (the model's, None
-    without) go to the layouts that write names. Returns the counts for the
+    Rank 0, all ranks closed: merge every layout and log; ``names`` (the model's class and
+    attribute names) go to the layouts that write names. Returns the counts for the
     manifest: ``failed``, ``no_regions`` and ``left_out`` (layout -> images it lacks
     for having no region).
     """
     for fmt in formats:
-        names = {"class_names": class_names} if WRITERS[fmt].takes_class_names else {}
-        WRITERS[fmt].merge(output_dir, world_size, **names)
+        extra = {"names": names} if WRITERS[fmt].takes_names else {}
+        WRITERS[fmt].merge(output_dir, world_size, **extra)
     FailureLog.merge(output_dir, world_size)
     NoRegionsLog.merge(output_dir, world_size)
     no_regions = _count_lines(os.path.join(output_dir, NO_REGIONS_NAME))
@@ -205,7 +206,7 @@ class RunFolder:
         """This rank's writers and logs (see :class:`RunOutputs`)."""
         return RunOutputs(self.output_dir, self.formats, rank, world_size, image_ids, paths)
 
-    def finish(self, world_size: int, class_names: Optional[Sequence[str]], inputs: int,
+    def finish(self, world_size: int, names: Optional[Vocabularies], inputs: int,
                written: Optional[int] = None, **manifest) -> Dict:
         """
         Rank 0, every rank closed: merge the layouts and logs, complete the manifest (its
@@ -213,13 +214,13 @@ class RunFolder:
         the parts.
 
         Args:
-            class_names: the model's (None without), for the layouts that write names.
+            names: the model's class and attribute names, for the layouts that write names.
             inputs, written: the counts of images (written: default, those that did not fail).
 
         Returns:
             the complete manifest.
         """
-        counts = merge_outputs(self.output_dir, self.formats, world_size, class_names)
+        counts = merge_outputs(self.output_dir, self.formats, world_size, names)
         if written is None:
             written = inputs - counts["failed"]
         if "feature_dim" not in manifest:
@@ -244,9 +245,12 @@ class RunFolder:
 
 def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
     """
-    :func:`d2_regionfeat.formats.read_features`, and for an output folder of a run without
-    ``fmt``, its manifest's first layout.
+    :func:`d2_regionfeat.formats.read_features`, and for an output folder of a run its
+    manifest's names (and, without ``fmt``, its first layout).
     """
-    if fmt is None and os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        fmt = read_manifest(path)["formats"][0]
-    return layouts.read_features(path, fmt)
+    names = None
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        manifest = read_manifest(path)
+        fmt = fmt or manifest["formats"][0]
+        names = Vocabularies(manifest.get("class_names"), manifest.get("attribute_names"))
+    return layouts.read_features(path, fmt, names)

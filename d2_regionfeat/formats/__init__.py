@@ -26,7 +26,7 @@ OUTPUT_NAMES = {name: cls.output_name for name, cls in WRITERS.items()}
 READERS = {name: cls.read for name, cls in WRITERS.items()}
 
 
-def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
+def read_features(path: str, fmt: Optional[str] = None, names=None) -> Iterator[Dict]:
     """
     Records of a feature file or an output folder of ``tools/extract_net.py``. Never
     unpickles: ``mmf`` and ``vilbert`` raise :class:`WriteOnlyLayoutError`, ``ban_hdf5`` is
@@ -38,6 +38,8 @@ def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
             manifest's first), an ``npz`` folder, a ``.tsv`` file, an ``.h5``/``.hdf5``
             file, an LMDB folder, or (with ``fmt``) the file or folder of any layout.
         fmt: one of :data:`WRITERS`; guessed from ``path`` when not given.
+        names: the model's class and attribute names (``class_names``, ``attribute_names``),
+            for the layouts that store names (``takes_names``); None: none known.
     """
     # the layouts of an output folder lie under their output names
     held = [f for f, name in OUTPUT_NAMES.items() if os.path.exists(os.path.join(path, name))]
@@ -53,6 +55,8 @@ def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
             fmt = "lmdb"
         else:
             fmt = "npz"
+    if WRITERS[fmt].takes_names:
+        return READERS[fmt](path, names=names)
     return READERS[fmt](path)
 
 

@@ -55,8 +55,9 @@ class FeatureWriter:
     int_ids = False
     # Whether it keeps every image's files in one folder (ids must not hold "/").
     flat = False
-    # Whether its merge takes the model's class names (``class_names=``, None without).
-    takes_class_names = False
+    # Whether its merge and reader take the model's names (``names=``: an object with
+    # ``class_names`` and ``attribute_names``, each a list or None; None: no names at all).
+    takes_names = False
     # Record keys it cannot do without, each with how to get it.
     needs: Dict[str, str] = {}
 

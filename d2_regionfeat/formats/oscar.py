@@ -21,7 +21,7 @@ class OscarWriter(JournalWriter):
     """
 
     output_name = "oscar"
-    takes_class_names = True
+    takes_names = True
 
     @classmethod
     def _lines(cls, record, class_names):
@@ -42,7 +42,8 @@ class OscarWriter(JournalWriter):
         )
 
     @classmethod
-    def merge(cls, output_dir, world_size, class_names=None):
+    def merge(cls, output_dir, world_size, names=None):
+        class_names = names.class_names if names is not None else None
         folder = os.path.join(output_dir, cls.output_name)
         os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, name) for name in FILES]

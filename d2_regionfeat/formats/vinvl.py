@@ -6,20 +6,14 @@ import numpy as np
 
 from .base import JournalWriter, register_format
 from .records import b64, unb64
-from .run import MANIFEST_NAME
 from .safety import fsync
 
 FILES = ("predictions.tsv", "predictions.lineidx")
 
 
-def _names(output_dir):
-    """(class names, attribute names) of the run's manifest, each None when absent."""
-    path = os.path.join(output_dir, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        return None, None
-    with open(path) as f:
-        manifest = json.load(f)
-    return manifest.get("class_names"), manifest.get("attribute_names")
+def _class_and_attribute_names(names):
+    """(class names, attribute names) of ``names`` (see ``takes_names``), each None when absent."""
+    return (names.class_names, names.attribute_names) if names is not None else (None, None)
 
 
 @register_format("vinvl")
@@ -28,7 +22,7 @@ class VinVLWriter(JournalWriter):
     ``<output>/vinvl/predictions.tsv``: one line per image, ``<image id>\\t<json>`` with json
     ``{"objects": [...], "relations": null}``; each object ``rect`` ([x1, y1, x2, y2],
     original image pixels), ``bbox_id`` (its position), ``class`` (the class name from the
-    manifest's ``class_names``, else the class index as text), ``conf``, ``feature`` (base64
+    run's ``names``, else the class index as text), ``conf``, ``feature`` (base64
     of its float32 (D,) feature), and, from a model with VinVL's attribute head
     (``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"``), ``attributes`` (names, or indexes as text) and
     ``attr_scores`` of its attributes (scene_graph_benchmark also lists the zero-score
@@ -36,6 +30,7 @@ class VinVLWriter(JournalWriter):
     """
 
     output_name = "vinvl"
+    takes_names = True
 
     @classmethod
     def _line(cls, record, class_names, attribute_names):
@@ -61,11 +56,11 @@ class VinVLWriter(JournalWriter):
         return record["image_id"].encode("utf-8") + b"\t" + text.encode("utf-8") + b"\n"
 
     @classmethod
-    def merge(cls, output_dir, world_size):
+    def merge(cls, output_dir, world_size, names=None):
         folder = os.path.join(output_dir, cls.output_name)
         os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, name) for name in FILES]
-        names = _names(output_dir)
+        names = _class_and_attribute_names(names)
         position = 0
         with open(paths[0] + ".tmp", "wb") as tsv, open(paths[1] + ".tmp", "wb") as index:
             for record in cls.journaled(output_dir, world_size):
@@ -79,14 +74,14 @@ class VinVLWriter(JournalWriter):
             os.replace(path + ".tmp", path)
 
     @classmethod
-    def read(cls, path, max_attributes=16):
+    def read(cls, path, names=None, max_attributes=16):
         """
         Records in file order: ``image_id``, ``num_bbox``, ``x``, ``bbox``, ``objects_conf``,
-        ``objects_id`` (from the names through the run's manifest, or indexes as text) and,
+        ``objects_id`` (through ``names``, or indexes as text) and,
         when written, ``attr_labels`` / ``attr_scores`` padded to ``max_attributes`` (-1 / 0).
         No ``image_h`` / ``image_w``: the layout does not hold them.
         """
-        class_names, attribute_names = _names(os.path.dirname(os.path.abspath(path)))
+        class_names, attribute_names = _class_and_attribute_names(names)
 
         def index(name, names):
             return names.index(name) if names else int(name)
