@@ -24,6 +24,8 @@ def add_regionfeat_config(cfg):
     """
     if "REGION_FEATURES" not in cfg.MODEL:
         _add_region_features_node(cfg)
+    if "GRID" not in cfg.MODEL.REGION_FEATURES:
+        _add_grid_node(cfg)
     if "ATTRIBUTE_ON" not in cfg.MODEL:
         _add_attribute_keys(cfg)
 
@@ -67,6 +69,53 @@ def _add_region_features_node(cfg):
     node.ATTRIBUTE_NAMES_FILE = ""
 
 
+def _add_grid_node(cfg):
+    node = cfg.MODEL.REGION_FEATURES.GRID = CN()
+    # Give every output dict a "grid" entry from the same backbone run as the instances (see
+    # d2_regionfeat.modeling.outputs.GridOutputs); needs META_ARCHITECTURE "RegionFeatureRCNN".
+    node.ENABLED = False
+    # The map: a backbone output ("res5", "p5", "res4", ...); on a C4 model, whose backbone
+    # stops at res4, "res5" is the ROI head's res5 applied to the whole res4 map (as
+    # grid-feats-vqa's AttributeRes5ROIHeads.get_conv5_features does).
+    node.FEATURE = "res5"
+    # [] : the cells as they are; [h, w] : adaptive average pooling of the image's cells to
+    # h x w (e.g. [7, 7], [8, 8], [16, 16]).
+    node.POOL = []
+    # Grid only: no proposals and no ROI heads run, the output dicts hold "grid" alone.
+    node.ONLY = False
+
+
+def grid_node(cfg):
+    """
+    Return ``cfg.MODEL.REGION_FEATURES.GRID`` after checking its values, or None when it is
+    off (or absent).
+
+    Raises:
+        ValueError: naming the key whose value is not allowed (one line).
+    """
+    node = cfg.MODEL.get("REGION_FEATURES", {}).get("GRID")
+    if node is None or not node.ENABLED:
+        return None
+    pool = list(node.POOL)
+    if pool and (len(pool) != 2 or min(pool) < 1):
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.GRID.POOL must be [] or [h, w] with h, w >= 1; got {pool}"
+        )
+    if not isinstance(node.FEATURE, str) or not node.FEATURE:
+        raise ValueError(f"MODEL.REGION_FEATURES.GRID.FEATURE must name a map; got {node.FEATURE!r}")
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .meta_arch import RegionFeatureRCNN  # it imports this module
+
+    meta_arch = cfg.MODEL.META_ARCHITECTURE
+    if not issubclass(META_ARCH_REGISTRY.get(meta_arch), RegionFeatureRCNN):
+        raise ValueError(
+            f'MODEL.REGION_FEATURES.GRID.ENABLED needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" '
+            f"(or a subclass); got {meta_arch!r}"
+        )
+    return node
+
+
 def _add_attribute_keys(cfg):
     # Add the attribute head to the Feature heads' box predictor (like MASK_ON for masks).
     cfg.MODEL.ATTRIBUTE_ON = False
@@ -105,6 +154,7 @@ def region_features_node(cfg):
             "or call d2_regionfeat.add_regionfeat_config(cfg)"
         )
     node = cfg.MODEL.REGION_FEATURES
+    grid_node(cfg)
     _check_choice(node, "SOURCE", SOURCES)
     _check_choice(node, "SELECTION", SELECTIONS)
     _check_choice(node, "BOX", BOX_MODES)

@@ -5,10 +5,49 @@ Every consumer (the extraction run, the layouts' checks, the tools, the docs' ta
 :func:`region_outputs` on a built model instead of working the fields out again from config
 keys. The ROI heads answer through their ``region_outputs()`` method.
 """
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class GridOutputs:
+    """
+    The grid feature every output dict of the model carries under ``"grid"`` (beside
+    ``"instances"``, from the same backbone run), when ``MODEL.REGION_FEATURES.GRID.ENABLED``:
+    a dict with
+
+    * ``features``: (C, H, W), the map's cells that cover the image (no padding cell), or
+      its adaptive average pooling to ``pool``;
+    * ``image_size``: (h, w), the model-input pixels of the image the cells cover;
+    * ``stride``: (sy, sx), model-input pixels per cell (``stride`` each unpooled; the
+      covered cells' extent over ``pool`` pooled).
+
+    Attributes:
+        feature: the map: a backbone output name, or "res5" of a C4 model (the ROI head's
+            res5 over the whole ``res4`` map).
+        channels: C.
+        stride: model-input pixels per cell of the unpooled map.
+        pool: (h, w) of adaptive average pooling, or None.
+        only: grid only (no proposals, no ROI heads run; no ``"instances"``).
+    """
+
+    feature: str
+    channels: int
+    stride: int
+    pool: Optional[Tuple[int, int]] = None
+    only: bool = False
+
+    def output_fields(self) -> Dict[str, str]:
+        """Key of the ``"grid"`` dict -> its shape or type."""
+        h, w = ("H", "W") if self.pool is None else self.pool
+        return {
+            "features": f"({self.channels}, {h}, {w})",
+            "image_size": "(h, w)",
+            "stride": "(sy, sx)",
+        }
 
 
 @dataclass(frozen=True)
@@ -26,6 +65,7 @@ class RegionOutputs:
         num_attributes: A; 0 when there is no attribute head, else ``attr_probs``
             (M, A+1, "no attribute" last), ``attrs_id`` (M,) and ``attrs_conf`` (M,) are there.
         selection: how the regions were chosen (``MODEL.REGION_FEATURES.SELECTION``).
+        grid: the grid feature beside the instances (:class:`GridOutputs`), or None.
     """
 
     feature_dim: Optional[int]
@@ -33,6 +73,7 @@ class RegionOutputs:
     class_probs: bool
     num_attributes: int = 0
     selection: str = "detections"
+    grid: Optional[GridOutputs] = None
 
     @property
     def attributes(self) -> bool:
@@ -65,4 +106,6 @@ def region_outputs(model: nn.Module) -> RegionOutputs:
             f"{type(heads).__name__} gives no region features: build the model from a config "
             "passed through d2_regionfeat.enable_region_features"
         )
-    return answer()
+    outputs = answer()
+    grid = getattr(model, "grid_outputs", None)
+    return outputs if grid is None else dataclasses.replace(outputs, grid=grid)
