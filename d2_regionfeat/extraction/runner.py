@@ -38,7 +38,8 @@ from ..formats import (
     merge_outputs,
     read_features,
 )
-from ..modeling.config import region_features_node
+from ..formats.grid import grid_record
+from ..modeling.config import grid_node, region_features_node
 from ..modeling.heads import RegionFeatureHeadsMixin
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
 from .manifest import (
@@ -180,9 +181,16 @@ def _check_needs(cfg, formats):
     """Refuse layouts that need class probabilities from a config that gives none."""
     node = cfg.MODEL.REGION_FEATURES
     class_probs = node.CLASS_PROBS or node.SELECTION == "regions"
+    grid = grid_node(cfg)
     for fmt in formats:
         if "cls_prob" in WRITERS[fmt].needs and not class_probs:
             raise ExtractionError(f"--format {fmt} needs {WRITERS[fmt].needs['cls_prob']}")
+        if "grid" in WRITERS[fmt].needs and grid is None:
+            raise ExtractionError(f"--format {fmt} needs {WRITERS[fmt].needs['grid']}")
+        if grid is not None and grid.ONLY and not WRITERS[fmt].grid:
+            raise ExtractionError(
+                f"--format {fmt} holds regions, which MODEL.REGION_FEATURES.GRID.ONLY does not make"
+            )
 
 
 class BatchExtractor:
@@ -235,11 +243,18 @@ class BatchExtractor:
             with self.autocast:
                 outputs = self.model(batch)
             for i, output in zip(indices, outputs):
-                records[i] = self._record(inputs[i], output["instances"].to("cpu"))
+                records[i] = self._record(inputs[i], output)
         return records
 
-    def _record(self, x, instances):
-        record = {
+    def _record(self, x, output):
+        """The record of an image: its regions (none in grid-only mode) and its grid, if any."""
+        grid = {}
+        if "grid" in output:
+            grid = grid_record(x["item"].image_id, x["height"], x["width"], output["grid"], self.fp16)
+        if "instances" not in output:
+            return grid
+        instances = output["instances"].to("cpu")
+        record = {**grid,
             "image_id": x["item"].image_id,
             "image_h": x["height"],
             "image_w": x["width"],
@@ -350,7 +365,7 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
                     stats["write_s"] += pending.popleft().result()
                 stats["done"] += len(records)
                 stats["failed"] += len(failed)
-                stats["regions"] += [r["num_bbox"] for r in records]
+                stats["regions"] += [r["num_bbox"] for r in records if "num_bbox" in r]
                 bar.update(len(batch))
             while pending:
                 stats["write_s"] += pending.popleft().result()
@@ -375,7 +390,7 @@ def _finish(job: ExtractionJob):
 def feature_dim(output_dir, formats) -> Optional[int]:
     """D, from the first record of a layout that reads back (None without one)."""
     # a one-file layout finds its first record at once; a folder would be listed whole
-    readable = [f for f in formats if f not in ("mmf", "vilbert")]
+    readable = [f for f in formats if f not in ("mmf", "vilbert") and not WRITERS[f].grid]
     readable.sort(key=lambda f: WRITERS[f].output_name == f)
     for fmt in readable:
         first = next(read_features(output_dir, fmt), None)

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, Optional
 # registration order: our own layouts first, then the consumers'
 from . import npz, tsv, lmdb, hdf5  # noqa: F401,I001
 from . import butd_tsv, openvqa, uniter, mmf, vilbert, ban, oscar, visualbert  # noqa: F401,I001
+from . import grid, grid_hdf5, grid_feats, grid_mmf  # noqa: F401,I001  (grid layouts)
 from .base import WRITERS, FeatureWriter, WriteOnlyLayoutError, register_format
 from .records import LayoutIdError, int_id
 from .run import FAILURES_NAME, MANIFEST_NAME, NO_REGIONS_NAME, RunOutputs, check_ids, merge_outputs
@@ -24,6 +25,9 @@ from .run import FAILURES_NAME, MANIFEST_NAME, NO_REGIONS_NAME, RunOutputs, chec
 OUTPUT_NAMES = {name: cls.output_name for name, cls in WRITERS.items()}
 # Layout -> function reading the records of the layout at a path.
 READERS = {name: cls.read for name, cls in WRITERS.items()}
+# The layouts of regions, and those of grid features (grid records, see .grid).
+REGION_FORMATS = [name for name, cls in WRITERS.items() if not cls.grid]
+GRID_FORMATS = [name for name, cls in WRITERS.items() if cls.grid]
 
 
 def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
@@ -56,7 +60,7 @@ def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
 
 
 __all__ = [
-    "WRITERS", "READERS", "OUTPUT_NAMES", "FeatureWriter", "register_format", "read_features",
+    "WRITERS", "READERS", "OUTPUT_NAMES", "REGION_FORMATS", "GRID_FORMATS", "FeatureWriter", "register_format", "read_features",
     "RunOutputs", "merge_outputs", "check_ids", "LayoutIdError", "WriteOnlyLayoutError", "int_id",
     "MANIFEST_NAME", "FAILURES_NAME", "NO_REGIONS_NAME",
 ]

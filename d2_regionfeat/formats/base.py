@@ -57,6 +57,8 @@ class FeatureWriter:
     flat = False
     # Record keys it cannot do without, each with how to get it.
     needs: Dict[str, str] = {}
+    # Whether it holds grid records (see :mod:`.grid`) rather than regions.
+    grid = False
 
     def __init__(self, output_dir: str, rank: int, world_size: int):
         self.output_dir = output_dir
