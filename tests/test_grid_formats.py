@@ -214,3 +214,25 @@ def test_grid_layouts_need_the_grid(tmp_path):
     cfg.MODEL.WEIGHTS = __file__
     with pytest.raises(ExtractionError, match="--format grid_feats needs the grid: MODEL.REGION_FEATURES.GRID.ENABLED"):
         prepare_job(cfg, str(tmp_path), str(tmp_path / "out"), ["grid_feats"], 1)
+
+
+def test_convert_features_between_grid_layouts(grid_model, tmp_path):
+    from d2_regionfeat.extraction.convert import ConversionError, convert
+    from d2_regionfeat.extraction.runner import extract, prepare_job
+
+    cfg, images = grid_model
+    cfg = cfg.clone()
+    cfg.MODEL.REGION_FEATURES.GRID.ONLY = True
+    cfg.freeze()
+    source = str(tmp_path / "source")
+    extract(prepare_job(cfg, str(images), source, ["grid_hdf5"], 1, num_workers=0))
+    with pytest.raises(ConversionError, match="mixes grid and region layouts"):
+        convert(source, ["grid_npz", "npz"], str(tmp_path / "mixed"))
+    target = str(tmp_path / "target")
+    convert(source, ["grid_npz", "grid_feats", "grid_mmf"], target, id_mode="int")
+    originals = {str(int(r["image_id"][-1])): r["grid"] for r in read_features(os.path.join(source, "grid.h5"), "grid_hdf5")}
+    for fmt in ("grid_npz", "grid_feats", "grid_mmf"):
+        back = {r["image_id"]: r["grid"] for r in read_features(target, fmt)}
+        assert sorted(back) == sorted(originals), fmt
+        for key, grid in back.items():
+            np.testing.assert_array_equal(grid, originals[key])
