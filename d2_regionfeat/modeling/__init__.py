@@ -15,6 +15,7 @@ from .backbone import build_narrow_resnet_fpn_backbone, build_resnet_caffe_maxpo
 from .config import add_regionfeat_config
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
+from .ports import grid_feats  # noqa: F401  (registers its checkpoint conversion)
 from .outputs import RegionOutputs, region_outputs
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,

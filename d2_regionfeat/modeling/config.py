@@ -175,17 +175,55 @@ def region_features_node(cfg):
     return node
 
 
-def attribute_head_node(cfg):
+# grid-feats-vqa's add_attribute_config spelling of the attribute head -> ours. It replaces
+# the MODEL.ROI_ATTRIBUTE_HEAD node with its own (and adds INPUT.MAX_ATTR_PER_INS); its
+# attr_score has no "no attribute" row, which its checkpoints gain on load
+# (d2_regionfeat.modeling.ports.grid_feats).
+GRID_FEATS_ATTRIBUTE_KEYS = {
+    "NUM_CLASSES": "NUM_ATTRIBUTES",
+    "OBJ_EMBED_DIM": "EMBED_DIM",
+    "FC_DIM": "HIDDEN_DIM",
+    "LOSS_WEIGHT": "LOSS_WEIGHT",
+}
+
+
+def _attribute_keys(cfg):
     """
-    Return ``cfg.MODEL.ROI_ATTRIBUTE_HEAD`` when ``MODEL.ATTRIBUTE_ON`` is set (after checking
-    its values), else None.
+    ``MODEL.ROI_ATTRIBUTE_HEAD`` in our spelling (a copy), whichever of ours and
+    grid-feats-vqa's ``add_attribute_config`` made the node.
 
     Raises:
-        ValueError: naming the first key whose value is not allowed.
+        ValueError: the node holds a key in both spellings with two values (one line).
+    """
+    node = cfg.MODEL.ROI_ATTRIBUTE_HEAD.clone()
+    theirs = {k: v for k, v in GRID_FEATS_ATTRIBUTE_KEYS.items() if k in node and k != v}
+    if not theirs:
+        return node
+    aliases = {**theirs, "MAX_ATTR_PER_INS": "MAX_ATTRIBUTES_PER_INSTANCE"}
+    values = dict(node, MAX_ATTR_PER_INS=cfg.INPUT.get("MAX_ATTR_PER_INS", 16))
+    for their_key, our_key in aliases.items():
+        if our_key in node and node[our_key] != values[their_key]:
+            raise ValueError(
+                f"MODEL.ROI_ATTRIBUTE_HEAD.{our_key} ({node[our_key]}) and grid-feats-vqa's "
+                f"{their_key} ({values[their_key]}) clash: set one of them"
+            )
+        node[our_key] = values[their_key]
+    return node
+
+
+def attribute_head_node(cfg):
+    """
+    Return ``cfg.MODEL.ROI_ATTRIBUTE_HEAD`` in our key names (those of grid-feats-vqa's
+    ``add_attribute_config`` are taken as aliases) when ``MODEL.ATTRIBUTE_ON`` is set, after
+    checking its values; else None.
+
+    Raises:
+        ValueError: naming the first key whose value is not allowed, or the clash of a key
+            set in both spellings to two values.
     """
     if not cfg.MODEL.get("ATTRIBUTE_ON", False):
         return None
-    node = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+    node = _attribute_keys(cfg)
     for key in ("NUM_ATTRIBUTES", "EMBED_DIM", "HIDDEN_DIM", "MAX_ATTRIBUTES_PER_INSTANCE"):
         if node[key] < 1:
             raise ValueError(f"MODEL.ROI_ATTRIBUTE_HEAD.{key} must be >= 1; got {node[key]}")
