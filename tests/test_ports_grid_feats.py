@@ -43,8 +43,8 @@ class AttributePredictor(nn.Module):
 
 def grid_feats_state_dict(model, predictor):
     """A checkpoint in its key layout: the detectron2 modules' keys, its attribute head's."""
-    ours = ("cls_embedding", "fc_attr", "attr_score")
-    state = {k: v for k, v in model.state_dict().items() if not k.split(".")[2:3] or k.split(".")[2] not in ours}
+    ours = tuple(f"roi_heads.box_predictor.{name}." for name in ("cls_embedding", "fc_attr", "attr_score"))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(ours)}
     state.update({f"roi_heads.attribute_predictor.{k}": v for k, v in predictor.state_dict().items()})
     return state
 
@@ -121,3 +121,12 @@ def test_x152_challenge_config_has_deformable_res4_res5():
     cfg.merge_from_file(os.path.join(CONFIGS, "grid", "X-152-challenge.yaml"))
     assert cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE == [False, False, True, True]
     assert (cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP) == (152, 32, 8)
+
+
+def test_other_attribute_count_is_a_one_line_error(ported):
+    model, predictor = ported
+    state = grid_feats_state_dict(model, predictor)
+    state["roi_heads.attribute_predictor.attr_score.weight"] = state["roi_heads.attribute_predictor.attr_score.weight"][:3]
+    state["roi_heads.attribute_predictor.attr_score.bias"] = state["roi_heads.attribute_predictor.attr_score.bias"][:3]
+    with pytest.raises(ValueError, match="checkpoint scores 3 attributes; MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES is 4"):
+        model.load_state_dict(state)

@@ -28,7 +28,7 @@ GRID_NEEDS = {"grid": "the grid: MODEL.REGION_FEATURES.GRID.ENABLED True (see co
 
 def grid_record(image_id: str, height: int, width: int, grid: dict, fp16: bool = False) -> dict:
     """The grid record of an image from its output dict's ``"grid"`` entry."""
-    features = grid["features"].detach().cpu().numpy()
+    features = grid["features"].detach().float().cpu().numpy()  # bfloat16 (--amp) has no numpy type
     return {
         "image_id": image_id,
         "image_h": int(height),

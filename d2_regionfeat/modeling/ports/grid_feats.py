@@ -33,7 +33,7 @@ def grid_feats_attribute_predictor(module, state_dict, prefix):
     """
     if prefix + "attribute_predictor.obj_embed.weight" not in state_dict:
         return
-    attr_score = getattr(module.box_predictor, "attr_score", None) if hasattr(module, "box_predictor") else None
+    attr_score = getattr(getattr(module, "box_predictor", None), "attr_score", None)
     if attr_score is None:
         return  # no attribute head to receive it: the keys stay unexpected
     for key in [k for k in state_dict if k.startswith(prefix + "attribute_predictor.")]:
@@ -48,5 +48,7 @@ def grid_feats_attribute_predictor(module, state_dict, prefix):
             f"the grid-feats-vqa checkpoint scores {weight.shape[0]} attributes; "
             f"MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES is {attr_score.out_features - 1}"
         )
-    state_dict[prefix + "box_predictor.attr_score.weight"] = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
-    state_dict[prefix + "box_predictor.attr_score.bias"] = torch.cat([bias, bias.new_full((1,), float("-inf"))])
+    no_attribute_weight = weight.new_zeros(1, weight.shape[1])
+    no_attribute_bias = bias.new_full((1,), float("-inf"))
+    state_dict[prefix + "box_predictor.attr_score.weight"] = torch.cat([weight, no_attribute_weight])
+    state_dict[prefix + "box_predictor.attr_score.bias"] = torch.cat([bias, no_attribute_bias])
