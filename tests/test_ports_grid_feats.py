@@ -19,11 +19,7 @@ def add_attribute_config(cfg):
     """What grid-feats-vqa's grid_feats/config.py add_attribute_config does to a config."""
     cfg.MODEL.ATTRIBUTE_ON = False
     cfg.INPUT.MAX_ATTR_PER_INS = 16
-    cfg.MODEL.ROI_ATTRIBUTE_HEAD = CN()
-    cfg.MODEL.ROI_ATTRIBUTE_HEAD.OBJ_EMBED_DIM = 256
-    cfg.MODEL.ROI_ATTRIBUTE_HEAD.FC_DIM = 512
-    cfg.MODEL.ROI_ATTRIBUTE_HEAD.LOSS_WEIGHT = 0.2
-    cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES = 400
+    cfg.MODEL.ROI_ATTRIBUTE_HEAD = CN({"OBJ_EMBED_DIM": 256, "FC_DIM": 512, "LOSS_WEIGHT": 0.2, "NUM_CLASSES": 400})
     cfg.MODEL.RPN.BBOX_LOSS_WEIGHT = 1.0
     cfg.MODEL.ROI_BOX_HEAD.BBOX_LOSS_WEIGHT = 1.0
 
