@@ -178,7 +178,7 @@ def _class_names(cfg) -> Optional[List[str]]:
 
 
 def _check_needs(cfg, formats):
-    """Refuse layouts that need class probabilities from a config that gives none."""
+    """Refuse layouts that need class probabilities (or the grid) from a config that gives none."""
     node = cfg.MODEL.REGION_FEATURES
     class_probs = node.CLASS_PROBS or node.SELECTION == "regions"
     grid = grid_node(cfg)
@@ -243,18 +243,19 @@ class BatchExtractor:
             with self.autocast:
                 outputs = self.model(batch)
             for i, output in zip(indices, outputs):
-                records[i] = self._record(inputs[i], output)
+                # its grid, if any, and its regions (none in grid-only mode)
+                records[i] = self._grid_record(inputs[i], output.get("grid"))
+                if "instances" in output:
+                    records[i].update(self._record(inputs[i], output["instances"].to("cpu")))
         return records
 
-    def _record(self, x, output):
-        """The record of an image: its regions (none in grid-only mode) and its grid, if any."""
-        grid = {}
-        if "grid" in output:
-            grid = grid_record(x["item"].image_id, x["height"], x["width"], output["grid"], self.fp16)
-        if "instances" not in output:
-            return grid
-        instances = output["instances"].to("cpu")
-        record = {**grid,
+    def _grid_record(self, x, grid):
+        if grid is None:
+            return {}
+        return grid_record(x["item"].image_id, x["height"], x["width"], grid, self.fp16)
+
+    def _record(self, x, instances):
+        record = {
             "image_id": x["item"].image_id,
             "image_h": x["height"],
             "image_w": x["width"],
