@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from common import parser, report, run_child, shipped_model, write_images
-from d2_regionfeat.formats import WRITERS
+from d2_regionfeat.formats import REGION_FORMATS
 from d2_regionfeat.formats.hdf5 import Hdf5Writer
 from d2_regionfeat.formats.tsv import TsvWriter
 from d2_regionfeat.io import read_features
@@ -56,7 +56,7 @@ def peak_rss(args, work):
             shutil.rmtree(out, ignore_errors=True)
             run = run_child(
                 ["extract_runs.py", "extract", "--config", config, "--images", images, "--output", out,
-                 "--device", args.device, "--limit", count, "--formats", ",".join(WRITERS)],
+                 "--device", args.device, "--limit", count, "--formats", ",".join(REGION_FORMATS)],
                 threads=args.threads,
             )
             first = first or run["rss_mb"]
@@ -108,7 +108,7 @@ def main():
         rows = peak_rss(args, work) if args.counts else []
         cap = merge_under_cap(work, args.part_mb, args.cap_mb, args.slab_mb) if args.cap_mb else None
     if rows:
-        print(f"peak resident memory of extract_net (shipped model, formats {','.join(WRITERS)}), "
+        print(f"peak resident memory of extract_net (shipped model, formats {','.join(REGION_FORMATS)}), "
               f"flat: <= {FLAT:.2f}x")
         report("memory", rows, ["images", "count", "rss_mb", "worker_rss_mb", "growth", "ok"],
                {"merge_under_cap": cap}, args.results)

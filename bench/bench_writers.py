@@ -22,7 +22,7 @@ import numpy as np
 
 from common import parser, report, run_child, shipped_model, write_images
 from d2_regionfeat.extraction.manifest import write_manifest
-from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError
+from d2_regionfeat.formats import REGION_FORMATS, WRITERS, WriteOnlyLayoutError
 from d2_regionfeat.io import read_features
 from records import RecordMaker, write_records
 
@@ -91,7 +91,7 @@ def main():
     p.add_argument(
         "--classes", type=int, default=80, help="K: records hold cls_prob (N, K+1), which uniter needs"
     )
-    p.add_argument("--formats", default=",".join(WRITERS), help="layouts (default: every registered one)")
+    p.add_argument("--formats", default=",".join(REGION_FORMATS), help="layouts (default: every region layout)")
     p.add_argument("--share-images", type=int, default=200, help="images for the shares (0: skip)")
     p.add_argument("--work", help="folder to write in (default: a temporary one)")
     args = p.parse_args()

@@ -23,7 +23,7 @@ from d2_regionfeat.extraction.convert import convert as convert_in_process
 from d2_regionfeat.extraction.inputs import list_inputs
 from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.extraction.run import RunOutputs, merge_outputs
-from d2_regionfeat.formats import WRITERS, WriteOnlyLayoutError, read_features
+from d2_regionfeat.formats import REGION_FORMATS, WRITERS, WriteOnlyLayoutError, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
 from d2_regionfeat.io import read_features as io_read_features
 from d2_regionfeat.modeling.config import region_features_node
@@ -45,7 +45,7 @@ from test_extract_net import (  # noqa: F401  (tool_main is a module fixture)
 )
 
 CONVERT = REPO / "tools" / "convert_features.py"
-ALL = list(WRITERS)
+ALL = list(REGION_FORMATS)
 CONSUMER = [f for f in ALL if not WRITERS[f].keeps_empty]
 # COCO-style file stems; "...0009" is one flat gray: no detection at SCORE_THRESH_TEST 0.5
 IMAGES = {

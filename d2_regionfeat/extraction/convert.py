@@ -7,6 +7,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from ..formats import WRITERS, LayoutIdError, WriteOnlyLayoutError, read_features
+from ..formats.grid import GRID_KEYS
 from ..formats.records import int_id
 from ..modeling.vocabulary import Vocabularies
 from .manifest import read_manifest
@@ -17,6 +18,9 @@ from .run import FAILURES_NAME, NO_REGIONS, NO_REGIONS_NAME, RunFolder, check_fo
 SOURCE_PREFERENCE = ("hdf5", "lmdb", "npz", "tsv", "oscar", "butd_tsv", "openvqa", "openvqa_gqa", "ban_hdf5")
 # What every target layout is written from.
 REQUIRED_KEYS = ("image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf")
+# The same for grid layouts (written from grid records only).
+GRID_SOURCE_PREFERENCE = ("grid_hdf5", "grid_npz")
+GRID_REQUIRED_KEYS = GRID_KEYS[1:]
 # Records handed to the writers at once.
 CHUNK = 64
 
@@ -25,23 +29,28 @@ class ConversionError(RuntimeError):
     """A conversion that cannot be done, reported as one line."""
 
 
-def _source_format(manifest, in_dir, source_format):
+def _source_format(manifest, in_dir, source_format, grid=False):
     if source_format is not None:
         if source_format not in manifest["formats"]:
             raise ConversionError(f"{in_dir} holds no {source_format} (it holds {', '.join(manifest['formats'])})")
         return source_format
-    for fmt in SOURCE_PREFERENCE:
+    for fmt in GRID_SOURCE_PREFERENCE if grid else SOURCE_PREFERENCE:
         if fmt in manifest["formats"]:
             return fmt
+    if grid:
+        raise ConversionError(
+            f"{in_dir} holds only {', '.join(manifest['formats'])}: convert grid layouts from a run "
+            "with grid_hdf5 or grid_npz"
+        )
     raise ConversionError(
         f"{in_dir} holds only {', '.join(manifest['formats'])}, which hold pickles or part of the "
         "records: convert from a run with npz, hdf5, lmdb or tsv"
     )
 
 
-def _check_source(record, source, formats):
+def _check_source(record, source, formats, grid=False):
     """Refuse targets that need what the source's records lack."""
-    missing = [k for k in REQUIRED_KEYS if k not in record]
+    missing = [k for k in (GRID_REQUIRED_KEYS if grid else REQUIRED_KEYS) if k not in record]
     if missing:
         raise ConversionError(
             f"the source layout {source} lacks {', '.join(missing)}: convert from npz, hdf5 or lmdb"
@@ -81,7 +90,11 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
         formats = check_formats(formats)
     except ValueError as e:
         raise ConversionError(str(e))
-    source = _source_format(source_manifest, in_dir, source_format)
+    grid = {WRITERS[f].grid for f in formats}
+    if len(grid) > 1:
+        raise ConversionError("--format mixes grid and region layouts: convert them separately")
+    grid = grid.pop()
+    source = _source_format(source_manifest, in_dir, source_format, grid)
 
     def records():
         for record in read_features(in_dir, source):
@@ -91,12 +104,12 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
         ids, first = [], None
         for record in read_features(in_dir, source):
             ids.append(_new_id(record["image_id"], id_mode))
-            if first is None and record["num_bbox"]:
+            if first is None and record.get("num_bbox", 1):
                 first = record
         if len(set(ids)) < len(ids):
             raise ConversionError(f"--id {id_mode}: two images of {in_dir} get the same id")
         if first is not None:
-            _check_source(first, source, formats)
+            _check_source(first, source, formats, grid)
         check_ids(formats, ids)
     except LayoutIdError as e:
         raise ConversionError(f"--format {e}")

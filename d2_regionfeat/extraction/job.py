@@ -166,6 +166,10 @@ def _check_needs(emits: RegionOutputs, formats):
         for key, hint in WRITERS[fmt].needs.items():
             if key not in keys:
                 raise ExtractionError(f"--format {fmt} needs {hint}")
+        if not WRITERS[fmt].grid and "x" not in keys:
+            raise ExtractionError(
+                f"--format {fmt} holds regions, which MODEL.REGION_FEATURES.GRID.ONLY does not make"
+            )
 
 
 

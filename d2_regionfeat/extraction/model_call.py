@@ -12,12 +12,17 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
+from ..formats.grid import GRID_KEYS, grid_record
 from ..modeling.outputs import RegionOutputs
 
 
 def record_keys(emits: RegionOutputs) -> List[str]:
     """The keys of the records of a model that emits ``emits``."""
+    grid = list(GRID_KEYS) if emits.grid is not None else []
+    if emits.grid is not None and emits.grid.only:
+        return grid
     keys = ["image_id", "image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf"]
+    keys += [k for k in grid if k not in keys]
     if emits.class_probs:
         keys.append("cls_prob")
     if emits.attributes:
@@ -76,8 +81,16 @@ class BatchExtractor:
             with self.autocast:
                 outputs = self.model(batch)
             for i, output in zip(indices, outputs):
-                records[i] = self._record(inputs[i], output["instances"].to("cpu"))
+                # its grid, if any, and its regions (none in grid-only mode)
+                records[i] = self._grid_record(inputs[i], output.get("grid"))
+                if "instances" in output:
+                    records[i].update(self._record(inputs[i], output["instances"].to("cpu")))
         return records
+
+    def _grid_record(self, x, grid):
+        if grid is None:
+            return {}
+        return grid_record(x["item"].image_id, x["height"], x["width"], grid, self.fp16)
 
     def _record(self, x, instances):
         record = {

@@ -112,7 +112,7 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
                     stats["write_s"] += pending.popleft().result()
                 stats["done"] += len(records)
                 stats["failed"] += len(failed)
-                stats["regions"] += [r["num_bbox"] for r in records]
+                stats["regions"] += [r["num_bbox"] for r in records if "num_bbox" in r]
                 bar.update(len(batch))
             while pending:
                 stats["write_s"] += pending.popleft().result()

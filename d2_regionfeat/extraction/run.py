@@ -130,9 +130,10 @@ class RunOutputs:
         for writer, keys, ids in zip(self.writers, self.keys, self.written):
             writer.write([
                 dict(r, image_id=keys[r["image_id"]]) for r in records
-                if r["image_id"] not in ids and (r["num_bbox"] or writer.keeps_empty)
+                if r["image_id"] not in ids and (r.get("num_bbox") != 0 or writer.keeps_empty)
             ])
-        empty = [r["image_id"] for r in records if not r["num_bbox"] and r["image_id"] not in self.no_regions.ids]
+        # a grid-only record (no num_bbox) has no regions to lack
+        empty = [r["image_id"] for r in records if r.get("num_bbox") == 0 and r["image_id"] not in self.no_regions.ids]
         self.no_regions.add([
             {"image_id": i, "path": self.paths.get(i), "reason": NO_REGIONS, "left_out_of": self.left_out}
             for i in empty
@@ -234,7 +235,7 @@ class RunFolder:
     def feature_dim(self) -> Optional[int]:
         """D, from the first record of a layout that reads back (None without one)."""
         # a one-file layout finds its first record at once; a folder would be listed whole
-        readable = [f for f in self.formats if WRITERS[f].reads_back()]
+        readable = [f for f in self.formats if WRITERS[f].reads_back() and not WRITERS[f].grid]
         readable.sort(key=lambda f: WRITERS[f].output_name == f)
         for fmt in readable:
             first = next(layouts.read_features(self.output_dir, fmt), None)

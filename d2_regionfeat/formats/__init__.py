@@ -17,6 +17,7 @@ from typing import Dict, Iterator, Optional
 from . import npz, tsv, lmdb, hdf5  # noqa: F401,I001
 from . import butd_tsv, openvqa, uniter, mmf, vilbert, ban, oscar, visualbert  # noqa: F401,I001
 from . import vinvl  # noqa: F401,I001
+from . import grid, grid_hdf5, grid_feats, grid_mmf  # noqa: F401,I001  (grid layouts)
 from .base import WRITERS, FeatureWriter, WriteOnlyLayoutError, register_format
 from .records import LayoutIdError, int_id
 
@@ -24,6 +25,9 @@ from .records import LayoutIdError, int_id
 OUTPUT_NAMES = {name: cls.output_name for name, cls in WRITERS.items()}
 # Layout -> function reading the records of the layout at a path.
 READERS = {name: cls.read for name, cls in WRITERS.items()}
+# The layouts of regions, and those of grid features (grid records, see .grid).
+REGION_FORMATS = [name for name, cls in WRITERS.items() if not cls.grid]
+GRID_FORMATS = [name for name, cls in WRITERS.items() if cls.grid]
 
 
 def read_features(path: str, fmt: Optional[str] = None, names=None) -> Iterator[Dict]:
@@ -61,6 +65,6 @@ def read_features(path: str, fmt: Optional[str] = None, names=None) -> Iterator[
 
 
 __all__ = [
-    "WRITERS", "READERS", "OUTPUT_NAMES", "FeatureWriter", "register_format", "read_features",
-    "LayoutIdError", "WriteOnlyLayoutError", "int_id",
+    "WRITERS", "READERS", "OUTPUT_NAMES", "REGION_FORMATS", "GRID_FORMATS", "FeatureWriter",
+    "register_format", "read_features", "LayoutIdError", "WriteOnlyLayoutError", "int_id",
 ]

@@ -60,6 +60,8 @@ class FeatureWriter:
     takes_names = False
     # Record keys it cannot do without, each with how to get it.
     needs: Dict[str, str] = {}
+    # Whether it holds grid records (see :mod:`.grid`) rather than regions.
+    grid = False
 
     def __init__(self, output_dir: str, rank: int, world_size: int):
         self.output_dir = output_dir

@@ -16,6 +16,7 @@ from .config import add_regionfeat_config
 from .enable import enable_region_features
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
+from .ports import grid_feats  # noqa: F401  (registers its checkpoint conversion)
 from .outputs import RegionOutputs, region_outputs
 from .region_heads import region_feature_heads
 from . import vinvl  # noqa: F401  (registers VinVL's legacy parts)

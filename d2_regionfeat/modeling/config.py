@@ -29,6 +29,8 @@ def add_regionfeat_config(cfg):
     """
     if "REGION_FEATURES" not in cfg.MODEL:
         _add_region_features_node(cfg)
+    if "GRID" not in cfg.MODEL.REGION_FEATURES:
+        _add_grid_node(cfg)
     if "ATTRIBUTE_ON" not in cfg.MODEL:
         _add_attribute_keys(cfg)
     if "VINVL" not in cfg.MODEL:
@@ -85,6 +87,53 @@ def _add_region_features_node(cfg):
     # dataset of DATASETS.TEST when the model is built. "" = leave the metadata alone.
     node.CLASS_NAMES_FILE = ""
     node.ATTRIBUTE_NAMES_FILE = ""
+
+
+def _add_grid_node(cfg):
+    node = cfg.MODEL.REGION_FEATURES.GRID = CN()
+    # Give every output dict a "grid" entry from the same backbone run as the instances (see
+    # d2_regionfeat.modeling.outputs.GridOutputs); needs META_ARCHITECTURE "RegionFeatureRCNN".
+    node.ENABLED = False
+    # The map: a backbone output ("res5", "p5", "res4", ...); on a C4 model, whose backbone
+    # stops at res4, "res5" is the ROI head's res5 applied to the whole res4 map (as
+    # grid-feats-vqa's AttributeRes5ROIHeads.get_conv5_features does).
+    node.FEATURE = "res5"
+    # [] : the cells as they are; [h, w] : adaptive average pooling of the image's cells to
+    # h x w (e.g. [7, 7], [8, 8], [16, 16]).
+    node.POOL = []
+    # Grid only: no proposals and no ROI heads run, the output dicts hold "grid" alone.
+    node.ONLY = False
+
+
+def grid_node(cfg):
+    """
+    Return ``cfg.MODEL.REGION_FEATURES.GRID`` after checking its values, or None when it is
+    off (or absent).
+
+    Raises:
+        ValueError: naming the key whose value is not allowed (one line).
+    """
+    node = cfg.MODEL.get("REGION_FEATURES", {}).get("GRID")
+    if node is None or not node.ENABLED:
+        return None
+    pool = list(node.POOL)
+    if pool and (len(pool) != 2 or min(pool) < 1):
+        raise ValueError(
+            f"MODEL.REGION_FEATURES.GRID.POOL must be [] or [h, w] with h, w >= 1; got {pool}"
+        )
+    if not isinstance(node.FEATURE, str) or not node.FEATURE:
+        raise ValueError(f"MODEL.REGION_FEATURES.GRID.FEATURE must name a map; got {node.FEATURE!r}")
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .meta_arch import RegionFeatureRCNN  # it imports this module
+
+    meta_arch = cfg.MODEL.META_ARCHITECTURE
+    if not issubclass(META_ARCH_REGISTRY.get(meta_arch), RegionFeatureRCNN):
+        raise ValueError(
+            f'MODEL.REGION_FEATURES.GRID.ENABLED needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" '
+            f"(or a subclass); got {meta_arch!r}"
+        )
+    return node
 
 
 def _add_attribute_keys(cfg):
@@ -191,21 +240,60 @@ def region_features_node(cfg):
             "or call d2_regionfeat.add_regionfeat_config(cfg)"
         )
     node = cfg.MODEL.REGION_FEATURES
+    grid_node(cfg)
     check_region_settings(**{name: node[key] for name, key in SETTING_KEYS.items()})
+    return node
+
+
+# grid-feats-vqa's add_attribute_config spelling of the attribute head -> ours. It replaces
+# the MODEL.ROI_ATTRIBUTE_HEAD node with its own (and adds INPUT.MAX_ATTR_PER_INS); its
+# attr_score has no "no attribute" row, which its checkpoints gain on load
+# (d2_regionfeat.modeling.ports.grid_feats).
+GRID_FEATS_ATTRIBUTE_KEYS = {
+    "NUM_CLASSES": "NUM_ATTRIBUTES",
+    "OBJ_EMBED_DIM": "EMBED_DIM",
+    "FC_DIM": "HIDDEN_DIM",
+    "LOSS_WEIGHT": "LOSS_WEIGHT",
+}
+
+
+def _attribute_keys(cfg):
+    """
+    ``MODEL.ROI_ATTRIBUTE_HEAD`` in our spelling (a copy), whichever of ours and
+    grid-feats-vqa's ``add_attribute_config`` made the node.
+
+    Raises:
+        ValueError: the node holds a key in both spellings with two values (one line).
+    """
+    node = cfg.MODEL.ROI_ATTRIBUTE_HEAD.clone()
+    theirs = {k: v for k, v in GRID_FEATS_ATTRIBUTE_KEYS.items() if k in node and k != v}
+    if not theirs:
+        return node
+    aliases = {**theirs, "MAX_ATTR_PER_INS": "MAX_ATTRIBUTES_PER_INSTANCE"}
+    values = dict(node, MAX_ATTR_PER_INS=cfg.INPUT.get("MAX_ATTR_PER_INS", 16))
+    for their_key, our_key in aliases.items():
+        if our_key in node and node[our_key] != values[their_key]:
+            raise ValueError(
+                f"MODEL.ROI_ATTRIBUTE_HEAD.{our_key} ({node[our_key]}) and grid-feats-vqa's "
+                f"{their_key} ({values[their_key]}) clash: set one of them"
+            )
+        node[our_key] = values[their_key]
     return node
 
 
 def attribute_head_node(cfg):
     """
-    Return ``cfg.MODEL.ROI_ATTRIBUTE_HEAD`` when ``MODEL.ATTRIBUTE_ON`` is set (after checking
-    its values), else None.
+    Return ``cfg.MODEL.ROI_ATTRIBUTE_HEAD`` in our key names (those of grid-feats-vqa's
+    ``add_attribute_config`` are taken as aliases) when ``MODEL.ATTRIBUTE_ON`` is set, after
+    checking its values; else None.
 
     Raises:
-        ValueError: naming the first key whose value is not allowed.
+        ValueError: naming the first key whose value is not allowed, or the clash of a key
+            set in both spellings to two values.
     """
     if not cfg.MODEL.get("ATTRIBUTE_ON", False):
         return None
-    node = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+    node = _attribute_keys(cfg)
     for key in ("NUM_ATTRIBUTES", "EMBED_DIM", "HIDDEN_DIM", "MAX_ATTRIBUTES_PER_INSTANCE"):
         if node[key] < 1:
             raise ValueError(f"MODEL.ROI_ATTRIBUTE_HEAD.{key} must be >= 1; got {node[key]}")

@@ -5,10 +5,49 @@ Every consumer (the extraction run, the layouts' checks, the tools, the docs' ta
 :func:`region_outputs` on a built model instead of working the fields out again from config
 keys. The ROI heads answer through their ``region_outputs()`` method.
 """
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class GridOutputs:
+    """
+    The grid feature every output dict of the model carries under ``"grid"`` (beside
+    ``"instances"``, from the same backbone run), when ``MODEL.REGION_FEATURES.GRID.ENABLED``:
+    a dict with
+
+    * ``features``: (C, H, W), the map's cells that cover the image (no padding cell), or
+      its adaptive average pooling to ``pool``;
+    * ``image_size``: (h, w), the model-input pixels of the image the cells cover;
+    * ``stride``: (sy, sx), model-input pixels per cell (``stride`` each unpooled; the
+      covered cells' extent over ``pool`` pooled).
+
+    Attributes:
+        feature: the map: a backbone output name, or "res5" of a C4 model (the ROI head's
+            res5 over the whole ``res4`` map).
+        channels: C.
+        stride: model-input pixels per cell of the unpooled map.
+        pool: (h, w) of adaptive average pooling, or None.
+        only: grid only (no proposals, no ROI heads run; no ``"instances"``).
+    """
+
+    feature: str
+    channels: int
+    stride: int
+    pool: Optional[Tuple[int, int]] = None
+    only: bool = False
+
+    def output_fields(self) -> Dict[str, str]:
+        """Key of the ``"grid"`` dict -> its shape or type."""
+        h, w = ("H", "W") if self.pool is None else self.pool
+        return {
+            "features": f"({self.channels}, {h}, {w})",
+            "image_size": "(h, w)",
+            "stride": "(sy, sx)",
+        }
 
 
 @dataclass(frozen=True)
@@ -30,6 +69,7 @@ class RegionOutputs:
             ``attr_labels`` (M, L) attribute ids padded with -1 and ``attr_scores`` (M, L)
             padded with 0 instead, L = ``max_attributes``.
         max_attributes: L, the "vinvl" kind's attributes per region.
+        grid: the grid feature beside the instances (:class:`GridOutputs`), or None.
     """
 
     feature_dim: Optional[int]
@@ -39,6 +79,7 @@ class RegionOutputs:
     selection: str = "detections"
     attribute_kind: str = "butd"
     max_attributes: int = 16
+    grid: Optional[GridOutputs] = None
 
     @property
     def attributes(self) -> bool:
@@ -74,4 +115,6 @@ def region_outputs(model: nn.Module) -> RegionOutputs:
             f"{type(heads).__name__} gives no region features: build the model from a config "
             "passed through d2_regionfeat.enable_region_features"
         )
-    return answer()
+    outputs = answer()
+    grid = getattr(model, "grid_outputs", None)
+    return outputs if grid is None else dataclasses.replace(outputs, grid=grid)

@@ -1,0 +1,184 @@
+"""Grid features: the map of the whole image, beside the instances, from one backbone run."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2_regionfeat import region_outputs
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultPredictor
+
+from helpers import build, image, make_cfg
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+# two sizes that pad alike (FPN: to 224 x 288) but cover different numbers of p3 cells
+SIZES = [(11, 200, 280), (12, 220, 262)]
+
+
+def narrow(cfg):
+    """Narrow ResNet (res5: 256 channels), FPN and box head, few proposals: fast on CPU."""
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 8
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+    return cfg
+
+
+def grid_cfg(kind, feature, **grid):
+    cfg = narrow(make_cfg(kind))
+    cfg.MODEL.META_ARCHITECTURE = "RegionFeatureRCNN"
+    cfg.MODEL.REGION_FEATURES.GRID.ENABLED = True
+    cfg.MODEL.REGION_FEATURES.GRID.FEATURE = feature
+    for key, value in grid.items():
+        cfg.MODEL.REGION_FEATURES.GRID[key.upper()] = value
+    return cfg
+
+
+def narrow_grid_cfg():
+    """configs/grid/R-50-grid.yaml, narrow (res5 of 256 channels) and with few proposals."""
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(CONFIGS, "grid", "R-50-grid.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.RES5_DILATION = 1  # extract_grid_feature.py's
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES = 4
+    cfg.INPUT.MIN_SIZE_TEST = 224
+    cfg.INPUT.MAX_SIZE_TEST = 320
+    return narrow(cfg)
+
+
+def by_hand(model, x, feature):
+    """The map of ``x`` alone, computed from the model's modules, as extract_grid_feature.py."""
+    images = model.preprocess_image([x])
+    maps = model.backbone(images.tensor)
+    if feature in maps:
+        return maps[feature][0]
+    return model.roi_heads.res5(maps[model.roi_heads.in_features[0]])[0]
+
+
+def calls(module):
+    count = []
+    handle = module.register_forward_hook(lambda *args: count.append(1))
+    return count, handle
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {
+        "fpn": build(grid_cfg("fpn", "p5")),
+        "c4": build(grid_cfg("c4", "res5")),
+        "grid": build(narrow_grid_cfg()),
+    }
+
+
+@pytest.mark.parametrize("kind,feature,stride", [("fpn", "p5", 32), ("c4", "res5", 32), ("grid", "res5", 32)])
+def test_grid_is_the_backbone_map_by_hand(models, kind, feature, stride):
+    model = models[kind]
+    x = {"image": image(3, 200, 280)}
+    with torch.no_grad():
+        (out,) = model([x])
+        expected = by_hand(model, x, feature)
+    grid = out["grid"]
+    assert len(out["instances"]) > 0
+    rows, cols = -(-200 // stride), -(-280 // stride)
+    assert grid["features"].shape == (region_outputs(model).grid.channels, rows, cols)
+    torch.testing.assert_close(grid["features"], expected[:, :rows, :cols])
+    assert grid["image_size"] == (200, 280) and grid["stride"] == (stride, stride)
+    assert region_outputs(model).grid.stride == stride
+
+
+def test_pooling_is_adaptive_average_of_the_cells(models):
+    cfg = grid_cfg("fpn", "p5", pool=[7, 8])
+    model = build(cfg)
+    x = {"image": image(4, 170, 230)}
+    with torch.no_grad():
+        (out,) = model([x])
+        cells = by_hand(model, x, "p5")[:, :6, :8]
+    torch.testing.assert_close(out["grid"]["features"], F.adaptive_avg_pool2d(cells, (7, 8)))
+    assert out["grid"]["stride"] == (6 * 32 / 7, 8 * 32 / 8)
+    assert region_outputs(model).grid.output_fields()["features"] == "(32, 7, 8)"
+
+
+def test_batch_of_two_sizes_equals_single_images():
+    """
+    Images that detectron2 pads alike (FPN: to multiples of 32) see in a batch what they see
+    alone; the grid of each is cut to its own cells (p3: 25 x 35 and 28 x 33 of the
+    batch's 28 x 36). Convolutions round differently with the batch size: a small tolerance.
+    """
+    model = build(grid_cfg("fpn", "p3"))
+    batch = [{"image": image(s, h, w)} for s, h, w in SIZES]
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        batched = model(batch)
+        singles = [model([x])[0] for x in batch]
+    assert batched[0]["grid"]["features"].shape[1:] == (25, 35)
+    assert batched[1]["grid"]["features"].shape[1:] == (28, 33)
+    for single, from_batch in zip(singles, batched):
+        torch.testing.assert_close(from_batch["grid"]["features"], single["grid"]["features"], rtol=1e-4, atol=1e-4)
+        assert from_batch["grid"]["image_size"] == single["grid"]["image_size"]
+
+
+def test_one_backbone_run_gives_grid_and_detections(models):
+    model = models["c4"]
+    backbone, handle = calls(model.backbone)
+    res5, handle5 = calls(model.roi_heads.res5)
+    try:
+        with torch.no_grad():
+            outs = model([{"image": image(s, h, w)} for s, h, w in SIZES])
+    finally:
+        handle.remove()
+        handle5.remove()
+    assert len(backbone) == 1  # one backbone run for the batch
+    assert len(res5) == 2  # once on the boxes, once on the whole res4 map
+    assert all(len(o["instances"]) > 0 and "grid" in o for o in outs)
+
+
+def test_default_predictor_returns_grid_beside_instances():
+    cfg = grid_cfg("fpn", "p4")
+    cfg.MODEL.REGION_FEATURES.CLASS_PROBS = True
+    predictor = DefaultPredictor(cfg)
+    bgr = image(5, 120, 160).permute(1, 2, 0).numpy().astype("uint8")
+    out = predictor(bgr)
+    # resized to 224 x 299 (MIN_SIZE_TEST 224): p4 cells of stride 16
+    assert out["grid"]["image_size"] == (224, 299)
+    assert out["grid"]["features"].shape == (32, 14, 19)
+    assert "box_features" in out["instances"].get_fields()
+
+
+def test_grid_only_runs_no_proposals_nor_roi_heads():
+    cfg = grid_cfg("c4", "res5", only=True)
+    model = build(cfg, wild=True)
+    rpn, h1 = calls(model.proposal_generator)
+    heads, h2 = calls(model.roi_heads)
+    x = {"image": image(6, 200, 280)}
+    try:
+        with torch.no_grad():
+            (out,) = model([x])
+            expected = by_hand(model, x, "res5")
+    finally:
+        h1.remove()
+        h2.remove()
+    assert not rpn and not heads and set(out) == {"grid"}
+    torch.testing.assert_close(out["grid"]["features"], expected[:, :7, :9])
+
+
+def test_training_is_untouched_by_the_grid(models):
+    model = models["fpn"]
+    assert "res4" not in region_outputs(model).instance_fields()
+    cfg = make_cfg("fpn")
+    assert cfg.MODEL.REGION_FEATURES.GRID.ENABLED is False
+
+
+def test_bad_grid_keys_are_one_line_errors():
+    with pytest.raises(ValueError, match="GRID.FEATURE 'p9' is not an output of the backbone"):
+        build(grid_cfg("fpn", "p9"), wild=True)
+    with pytest.raises(ValueError, match="GRID.FEATURE 'res5' is not an output"):
+        build(grid_cfg("fpn", "res5"), wild=True)
+    with pytest.raises(ValueError, match="GRID.POOL must be"):
+        build(grid_cfg("fpn", "p5", pool=[7]), wild=True)
+    cfg = grid_cfg("fpn", "p5")
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    with pytest.raises(ValueError, match='GRID.ENABLED needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'):
+        build(cfg, wild=True)
