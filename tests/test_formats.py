@@ -19,6 +19,7 @@ import torch
 
 import consumers
 from d2_regionfeat.extraction.convert import ConversionError
+from d2_regionfeat.modeling.vocabulary import Vocabularies
 from d2_regionfeat.extraction.convert import convert as convert_in_process
 from d2_regionfeat.extraction.inputs import list_inputs
 from d2_regionfeat.extraction.model_call import BatchExtractor
@@ -416,7 +417,7 @@ def write_ranks(out, records, world_size):
         outputs = RunOutputs(str(out), ALL, rank, world_size, ids)
         outputs.store(records[rank * share: (rank + 1) * share])
         outputs.close()
-    return merge_outputs(str(out), ALL, world_size, ["disc", "star", "square"])
+    return merge_outputs(str(out), ALL, world_size, Vocabularies(["disc", "star", "square"]))
 
 
 def test_rank_parts_merge_as_one_process(tmp_path):

@@ -61,8 +61,16 @@ class OscarWriter(JournalWriter):
             os.replace(path + ".tmp", path)
 
     @classmethod
-    def read(cls, path):
-        """Records of the layout (no ``cls_prob``, no ``objects_id``), in file order."""
+    def read(cls, path, names=None):
+        """
+        Records of the layout (no ``cls_prob``), in file order; ``objects_id`` from the
+        labels' class names (through ``names``, or ``class_<index>`` without names).
+        """
+        class_names = names.class_names if names is not None else None
+
+        def class_id(label):
+            return class_names.index(label) if class_names else int(label[len("class_"):])
+
         with open(os.path.join(path, "features.tsv")) as features, open(
             os.path.join(path, "labels.tsv")
         ) as labels:
@@ -79,5 +87,6 @@ class OscarWriter(JournalWriter):
                     "num_bbox": n,
                     "x": rows[:, :-6],
                     "bbox": np.array([r["rect"] for r in regions], np.float32).reshape(n, 4),
+                    "objects_id": np.array([class_id(r["class"]) for r in regions], np.int64),
                     "objects_conf": np.array([r["conf"] for r in regions], np.float32),
                 }
