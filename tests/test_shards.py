@@ -21,7 +21,7 @@ from d2_regionfeat.extraction.runner import BatchExtractor
 from d2_regionfeat.extraction.shards import expand_braces, extract_shards, select_shards
 from d2_regionfeat.formats.shard import ShardFolder
 
-from test_extract_net import generated, model, run_tool, save_bgr, tool_args, tool_env  # noqa: F401
+from test_extract_net import generated, model, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
 
 # shard name -> samples (key, seed, height, width); None: a corrupt image member
 SHARDS = {
@@ -91,22 +91,21 @@ def extract_here(model, shards, out, extractor, **options):
 
 
 @pytest.fixture(scope="module")
-def clean(model, shards, tmp_path_factory):
+def clean(model, shards, extractor, tool_main, tmp_path_factory):
+    """A one-worker run of the tool (in this process) over the three shards."""
     out = tmp_path_factory.mktemp("clean") / "out"
-    result = run_tool(*shard_args(model, shards, out))
-    assert result.returncode == 0, result.stderr
+    assert tool_main(shard_args(model, shards, out)[2:]) == 0
     return out
 
 
-def test_shards_equal_a_folder_extraction(model, clean, tmp_path):
+def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
     folder = tmp_path / "images"
     for samples in SHARDS.values():
         for key, seed, h, w in samples:
             if key in GOOD:
                 save_bgr(folder / f"{key}.png", generated(seed, h, w))
     out = tmp_path / "out"
-    result = run_tool(*tool_args(model, folder, out, formats=["npz"]))
-    assert result.returncode == 0, result.stderr
+    assert tool_main(tool_args(model, folder, out, formats=["npz"])[2:]) == 0
     assert sorted(os.listdir(clean)) == sorted(
         f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")
     )
@@ -153,7 +152,7 @@ def test_sigkill_mid_shard_then_rerun_equals_clean(model, shards, clean, extract
     process.wait()
     assert (out / "00000.jsonl").exists() and not (out / "00001.jsonl").exists()
     counts = extract_here(model, shards, out, extractor)
-    assert (counts["skipped"], counts["done"]) == (1, 3)
+    assert (counts["skipped"], counts["done"]) == (1, 4)
     assert files(out) == files(clean)
 
 
