@@ -12,6 +12,7 @@ from .formats import (  # noqa: F401
     WriteOnlyLayoutError,
     read_features,
 )
+from .formats.shard import ShardFolder  # noqa: F401  (a folder of output shards)
 from .formats.records import RECORD_KEYS, decode_npz, encode_npz  # noqa: F401
 from .formats.tsv import TSV_FIELDNAMES, decode_tsv_line, encode_tsv_line  # noqa: F401
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from d2_regionfeat.extraction.runner import BatchExtractor
 from d2_regionfeat.extraction.shards import expand_braces, extract_shards, select_shards
-from d2_regionfeat.formats.shard import ShardFolder
+from d2_regionfeat.io import ShardFolder
 
 from test_extract_net import generated, model, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
 

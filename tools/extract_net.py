@@ -40,6 +40,7 @@ with ``--resume`` to the outputs an uninterrupted run gives. Exit status: 0; 1 w
 was extracted, or with ``--strict`` when any failed; 2 for bad settings (one-line error).
 """
 import argparse
+import os
 import sys
 import warnings
 
@@ -181,6 +182,8 @@ def _main_shards(parser, args, formats):
     try:
         if formats != ["npz"]:
             raise ExtractionError("sharded output holds npz members only: drop --format, or convert later")
+        if "LOCAL_RANK" in os.environ and not args.device and torch.cuda.is_available():
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU a process
         cfg = setup_cfg(args)
         counts = extract_shards(
             cfg, args.input, args.output, args.shard_index, args.num_shards, args.shard_size,
