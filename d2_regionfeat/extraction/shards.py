@@ -184,22 +184,18 @@ class OutOfMemoryFallback:
             torch.cuda.empty_cache()
 
     def _alone(self, x, log):
-        try:
-            return self.extractor([x])[0]
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            log(x["item"].image_id, f"retry on CPU: {one_line(e)}")
-        self._free()
-        if self._cpu is None:
-            self._cpu = self.make_cpu(self.extractor)
-        try:
-            return self._cpu([x])[0]
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            log(x["item"].image_id, f"failed: out of memory on CPU too: {one_line(e)}")
-            return None
+        """``x``'s record, alone on the extractor's device, then on CPU; None if both run out."""
+        for where, on_failure in ((self.extractor, "retry on CPU"), (None, "failed: out of memory on CPU too")):
+            if where is None:
+                where = self._cpu = self._cpu or self.make_cpu(self.extractor)
+            try:
+                return where([x])[0]
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                log(x["item"].image_id, f"{on_failure}: {one_line(e)}")
+            self._free()
+        return None
 
 
 def _sample_id(sample, id_field):
