@@ -17,9 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from d2_regionfeat.extraction.manifest import OutputFolderError
 from d2_regionfeat.extraction.runner import BatchExtractor
 from d2_regionfeat.extraction.shards import expand_braces, extract_shards, select_shards
 from d2_regionfeat.io import ShardFolder
+from detectron2.config import get_cfg
 
 from test_extract_net import generated, model, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
 
@@ -85,8 +87,17 @@ def extractor(model):
     torch.set_num_threads(threads)
 
 
-def extract_here(model, shards, out, extractor, **options):
-    return extract_shards(model.cfg, f"{shards}/{{00000..00002}}.tar", str(out), batch_size=2,
+@pytest.fixture(scope="module")
+def tool_cfg(model):
+    """The config as the tool loads it from the model's yaml."""
+    cfg = get_cfg()
+    cfg.merge_from_file(str(model.yaml))
+    cfg.freeze()
+    return cfg
+
+
+def extract_here(cfg, shards, out, extractor, **options):
+    return extract_shards(cfg, f"{shards}/{{00000..00002}}.tar", str(out), batch_size=2,
                           extractor=extractor, **options)
 
 
@@ -107,7 +118,7 @@ def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
     out = tmp_path / "out"
     assert tool_main(tool_args(model, folder, out, formats=["npz"])[2:]) == 0
     assert sorted(os.listdir(clean)) == sorted(
-        f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")
+        [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")] + ["shards.json"]
     )
     members = {}
     for name in SHARDS:
@@ -141,7 +152,7 @@ def test_read_back_by_id_and_as_stream(clean):
         assert entry["txt"] == f"caption {key}" and entry["json"]["url"] == f"http://x/{key}.png"
 
 
-def test_sigkill_mid_shard_then_rerun_equals_clean(model, shards, clean, extractor, tmp_path):
+def test_sigkill_mid_shard_then_rerun_equals_clean(model, tool_cfg, shards, clean, extractor, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(shard_args(model, shards, out), env=tool_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,17 +162,24 @@ def test_sigkill_mid_shard_then_rerun_equals_clean(model, shards, clean, extract
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (out / "00000.jsonl").exists() and not (out / "00001.jsonl").exists()
-    counts = extract_here(model, shards, out, extractor)
+    counts = extract_here(tool_cfg, shards, out, extractor)
     assert (counts["skipped"], counts["done"]) == (1, 4)
     assert files(out) == files(clean)
 
 
-def test_two_workers_equal_one(model, shards, clean, extractor, tmp_path):
+def test_two_workers_equal_one(tool_cfg, shards, clean, extractor, tmp_path):
     out = tmp_path / "out"
-    extract_here(model, shards, out, extractor, shard_index=0, num_shards=2)
+    extract_here(tool_cfg, shards, out, extractor, shard_index=0, num_shards=2)
     assert sorted(p for p in os.listdir(out) if p.endswith(".tar")) == ["00000.tar", "00002.tar"]
-    extract_here(model, shards, out, extractor, shard_index=1, num_shards=2)
+    extract_here(tool_cfg, shards, out, extractor, shard_index=1, num_shards=2)
     assert files(out) == files(clean)
+
+
+def test_a_folder_of_other_settings_is_refused(tool_cfg, shards, clean):
+    before = files(clean)
+    with pytest.raises(OutputFolderError, match="other fp16"):
+        extract_here(tool_cfg, shards, clean, StandIn(), fp16=True)
+    assert files(clean) == before
 
 
 def test_worker_selection_and_braces():
@@ -225,4 +243,6 @@ def test_shard_size_for_a_folder(model, tmp_path):
                             extractor=StandIn())
     assert counts["shards"] == 3 and counts["done"] == 5
     assert sorted(os.listdir(tmp_path / "out"))[:3] == ["00000.failures.jsonl", "00000.jsonl", "00000.tar"]
+    with pytest.raises(OutputFolderError, match="other shard_size"):
+        extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=3, extractor=StandIn())
     assert ShardFolder(str(tmp_path / "out")).index("im4")["member"] == "im4.npz"

@@ -190,7 +190,7 @@ def _main_shards(parser, args, formats):
             image_root=args.image_root, id_mode=args.id_mode, id_field=args.id_field,
             batch_size=args.batch_size, fp16=args.fp16, amp=args.amp,
         )
-    except (ExtractionError, InputError, ValueError, OSError) as e:
+    except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(
         f"Shards: {counts['shards']} of this worker, {counts['skipped']} already complete; "

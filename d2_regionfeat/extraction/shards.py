@@ -27,10 +27,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..formats.shard import ShardWriter, is_complete
+from .manifest import OutputFolderError, package_versions, sha256_file
 from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, list_inputs, one_line
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
+# The output folder's record of what makes its shards: every worker checks it before writing.
+SHARDS_MANIFEST = "shards.json"
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
@@ -347,6 +350,32 @@ def extract_shard(name: str, units, output_dir: str, run, cfg, batch_size: int =
                                                        if not f["reason"].startswith("retry")})}
 
 
+def claim_shard_folder(output_dir: str, identity: Dict):
+    """
+    Write ``identity`` (what decides the shards' content) as the folder's ``shards.json`` if it
+    has none (atomically, so one of racing workers does), else check it is the same.
+
+    Raises:
+        OutputFolderError: the folder's shards were made with other settings.
+    """
+    path = os.path.join(output_dir, SHARDS_MANIFEST)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(dict(identity, versions=package_versions()), f, indent=2, sort_keys=True)
+    try:
+        os.link(temporary, path)  # fails if it exists: no worker overwrites another's
+    except FileExistsError:
+        with open(path) as f:
+            existing = json.load(f)
+        changed = [key for key in identity if existing.get(key) != identity[key]]
+        if changed:
+            raise OutputFolderError(
+                f"{output_dir} holds shards made with other {', '.join(changed)}: use another --output"
+            )
+    finally:
+        os.remove(temporary)
+
+
 def extract_shards(cfg, source: str, output_dir: str, shard_index=None, num_shards=None,
                    shard_size: int = 0, image_root=None, id_mode=None, id_field=None,
                    batch_size: int = 4, fp16=False, amp=False, extractor=None) -> Dict:
@@ -361,6 +390,12 @@ def extract_shards(cfg, source: str, output_dir: str, shard_index=None, num_shar
         plan_shards(source, shard_size, image_root, id_mode, id_field), shard_index, num_shards
     )
     os.makedirs(output_dir, exist_ok=True)
+    from .runner import _config_sha256, _local_weights
+
+    claim_shard_folder(output_dir, {
+        "config_sha256": _config_sha256(cfg), "weights_sha256": sha256_file(_local_weights(cfg)),
+        "fp16": bool(fp16), "amp": bool(amp), "id_field": id_field, "id": id_mode, "shard_size": shard_size,
+    })
     todo = [(name, units) for name, units in shards if not is_complete(output_dir, name)]
     counts = {"shards": len(shards), "skipped": len(shards) - len(todo), "done": 0, "failed": 0}
     if not todo:
