@@ -8,6 +8,6 @@ setup(
     package_data={"d2_regionfeat": ["model/*.yaml", "model/*.pth"]},
     python_requires=">=3.8",
     # detectron2 itself is installed by tools/install_detectron2.py (it is not on PyPI by name).
-    install_requires=["torch", "fvcore", "numpy", "tqdm", "h5py", "lmdb"],
+    install_requires=["torch", "fvcore", "numpy", "tqdm", "h5py", "lmdb", "fsspec"],
     extras_require={"test": ["pytest", "pytest-timeout"], "bench": ["psutil"]},
 )

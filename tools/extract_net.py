@@ -40,6 +40,7 @@ with ``--resume`` to the outputs an uninterrupted run gives. Exit status: 0; 1 w
 was extracted, or with ``--strict`` when any failed; 2 for bad settings (one-line error).
 """
 import argparse
+import os
 import sys
 import warnings
 
@@ -55,6 +56,7 @@ from d2_regionfeat.extraction.launch import launch  # noqa: E402
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest  # noqa: E402
 from d2_regionfeat.extraction.job import ExtractionError, prepare_job  # noqa: E402
 from d2_regionfeat.extraction.pipeline import extract  # noqa: E402
+from d2_regionfeat.extraction.shards import extract_shards, is_shard_source  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
@@ -93,6 +95,15 @@ def get_parser():
     )
     parser.add_argument("--limit", type=_non_negative, default=0, help="only the first N inputs")
     parser.add_argument("--strict", action="store_true", help="exit with 1 when any image failed")
+    shards = parser.add_argument_group("sharded output (README 'Web scale')")
+    shards.add_argument(
+        "--shard-size", type=_non_negative, default=0, metavar="N",
+        help="write OUT/<shard>.tar of npz members + .jsonl index, N images a shard (on by default, "
+        "one output shard per input shard, for --input 'shards/{00000..00099}.tar')",
+    )
+    shards.add_argument("--id-field", help="tar input: the sample json's field to use as image id (default __key__)")
+    shards.add_argument("--shard-index", type=_non_negative, help="this worker: every --num-shards-th shard from this")
+    shards.add_argument("--num-shards", type=_positive, help="number of workers (default: SLURM array or torchrun env)")
     parser.add_argument(
         "--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
         help="config options, as the positional KEY VALUE pairs",
@@ -142,6 +153,8 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     formats = [f for value in args.format or ["npz"] for f in value.split(",") if f]
+    if args.shard_size or is_shard_source(args.input):
+        return _main_shards(parser, args, formats)
     try:
         cfg = setup_cfg(args)
         job = prepare_job(
@@ -163,6 +176,28 @@ def main(argv=None):
     if counts["written"] == 0 or (args.strict and counts["failed"]):
         return 1
     return 0
+
+
+def _main_shards(parser, args, formats):
+    """Sharded output: each worker its input shards, no launch, no merge."""
+    try:
+        if formats != ["npz"]:
+            raise ExtractionError("sharded output holds npz members only: drop --format, or convert later")
+        if "LOCAL_RANK" in os.environ and not args.device and torch.cuda.is_available():
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU a process
+        cfg = setup_cfg(args)
+        counts = extract_shards(
+            cfg, args.input, args.output, args.shard_index, args.num_shards, args.shard_size,
+            image_root=args.image_root, id_mode=args.id_mode, id_field=args.id_field,
+            batch_size=args.batch_size, fp16=args.fp16, amp=args.amp,
+        )
+    except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(
+        f"Shards: {counts['shards']} of this worker, {counts['skipped']} already complete; "
+        f"{counts['done']} images extracted, {counts['failed']} failed (in <shard>.failures.jsonl)"
+    )
+    return 1 if args.strict and counts["failed"] else 0
 
 
 if __name__ == "__main__":

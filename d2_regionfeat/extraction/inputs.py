@@ -202,10 +202,11 @@ def _to_eight_bit(image):
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
 
 
-def decode_image(path: str, image_format: str) -> np.ndarray:
+def decode_image(path, image_format: str) -> np.ndarray:
     """
     Read an image as detectron2's ``read_image`` does (EXIF orientation applied, converted
-    to ``image_format``), also accepting 16-bit grayscale (scaled to 8 bits).
+    to ``image_format``), also accepting 16-bit grayscale (scaled to 8 bits). ``path``: a
+    file path, or an open binary file (an image read from a tar shard).
 
     Returns:
         ndarray: (H, W, C) uint8 in ``image_format`` (e.g. "BGR").
@@ -213,7 +214,7 @@ def decode_image(path: str, image_format: str) -> np.ndarray:
     Raises:
         OSError, ValueError: the file is missing, empty, truncated or not an image.
     """
-    if os.path.getsize(path) == 0:
+    if isinstance(path, str) and os.path.getsize(path) == 0:
         raise ValueError("empty file")
     with Image.open(path) as image:
         image.load()

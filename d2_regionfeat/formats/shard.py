@@ -1,0 +1,156 @@
+"""
+``shards``: a folder of output shards, each ``<name>.tar`` of per-image ``.npz`` members (the
+record bytes of :func:`.records.encode_npz`, our ``npz`` layout) beside ``<name>.jsonl``, its
+index, one line per member in tar order::
+
+    {"id": ..., "member": "<key>.npz", "offset": byte offset of the member's data in the tar,
+     "size": its length, "num_bbox": N, "image_h": H, "image_w": W, "json": {...}, "txt": "..."}
+
+(``json`` and ``txt``: what the input sample carried, when it did), and ``<name>.failures.jsonl``,
+the shard's inputs that gave no record (``{"id", "shard", "member", "reason"}``).
+
+A shard is written under temporary names and renamed into place, its index last: a shard whose
+index exists is complete; anything else of that name is an unfinished one, removed and redone.
+The tar is written with fixed headers (mtime 0, uid 0, ustar), so the same records make the
+same bytes. :class:`ShardFolder` reads a folder back by id and as a stream.
+"""
+import io
+import json
+import os
+import tarfile
+from typing import Dict, Iterator, List, Optional
+
+from .records import decode_npz, encode_npz
+
+TAR_SUFFIX = ".tar"
+INDEX_SUFFIX = ".jsonl"
+FAILURES_SUFFIX = ".failures.jsonl"
+_PARTIAL = ".partial"
+
+
+def shard_paths(output_dir: str, name: str) -> Dict[str, str]:
+    """The tar, index and failures paths of shard ``name`` in ``output_dir``."""
+    base = os.path.join(output_dir, name)
+    return {"tar": base + TAR_SUFFIX, "index": base + INDEX_SUFFIX, "failures": base + FAILURES_SUFFIX}
+
+
+def is_complete(output_dir: str, name: str) -> bool:
+    """Whether shard ``name`` was written to the end (its index, renamed last, exists)."""
+    return os.path.isfile(shard_paths(output_dir, name)["index"])
+
+
+def _write_lines(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ShardWriter:
+    """
+    Writes one output shard (see the module docstring): :meth:`add` each record in order,
+    :meth:`fail` each input that gave none, then :meth:`close` puts the shard in place. Until
+    then only ``*.partial`` files exist, which :meth:`__init__` removes from an earlier try.
+    """
+
+    def __init__(self, output_dir: str, name: str):
+        self.paths = shard_paths(output_dir, name)
+        self.name = name
+        for path in self.paths.values():
+            for stale in (path, path + _PARTIAL):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        self._file = open(self.paths["tar"] + _PARTIAL, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.index: List[Dict] = []
+        self.failures: List[Dict] = []
+
+    def add(self, record: Dict, member_key: str, carried: Optional[Dict] = None):
+        """Append ``record`` as member ``<member_key>.npz``; ``carried``: metadata for its index line."""
+        data = encode_npz(record)
+        info = tarfile.TarInfo(member_key + ".npz")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        # a ustar header is one block: the data starts right after it
+        offset = self._tar.offset + tarfile.BLOCKSIZE
+        self._tar.addfile(info, io.BytesIO(data))
+        entry = {
+            "id": record["image_id"], "member": info.name, "offset": offset, "size": len(data),
+            "num_bbox": int(record["num_bbox"]), "image_h": int(record["image_h"]),
+            "image_w": int(record["image_w"]),
+        }
+        entry.update(carried or {})
+        self.index.append(entry)
+
+    def fail(self, image_id: Optional[str], member: str, reason: str):
+        self.failures.append({"id": image_id, "shard": self.name, "member": member, "reason": reason})
+
+    def close(self):
+        """Finish the tar, then rename tar, failures and (last) index into place."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        _write_lines(self.paths["failures"] + _PARTIAL, self.failures)
+        _write_lines(self.paths["index"] + _PARTIAL, self.index)
+        for kind in ("tar", "failures", "index"):
+            os.replace(self.paths[kind] + _PARTIAL, self.paths[kind])
+
+    def abort(self):
+        """Drop the unfinished shard (its partial files)."""
+        self._tar.close()
+        self._file.close()
+        os.remove(self.paths["tar"] + _PARTIAL)
+
+
+def read_lines(path: str) -> List[Dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ShardFolder:
+    """
+    The complete shards of an output folder: ``folder[image_id]`` (a record), ``folder.index(id)``
+    (its index line), ``iter(folder)`` (every record, shard by shard, read sequentially),
+    :meth:`failures`. Unfinished shards are not seen.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.names = sorted(
+            f[: -len(INDEX_SUFFIX)] for f in os.listdir(folder)
+            if f.endswith(INDEX_SUFFIX) and not f.endswith(FAILURES_SUFFIX)
+        )
+        self._by_id = None
+
+    def _lookup(self):
+        if self._by_id is None:
+            self._by_id = {}
+            for name in self.names:
+                for entry in read_lines(shard_paths(self.folder, name)["index"]):
+                    self._by_id[entry["id"]] = (name, entry)
+        return self._by_id
+
+    def __len__(self):
+        return len(self._lookup())
+
+    def __contains__(self, image_id):
+        return image_id in self._lookup()
+
+    def index(self, image_id: str) -> Dict:
+        return self._lookup()[image_id][1]
+
+    def __getitem__(self, image_id: str) -> Dict:
+        name, entry = self._lookup()[image_id]
+        with open(shard_paths(self.folder, name)["tar"], "rb") as f:
+            f.seek(entry["offset"])
+            return decode_npz(f.read(entry["size"]))
+
+    def __iter__(self) -> Iterator[Dict]:
+        for name in self.names:
+            with tarfile.open(shard_paths(self.folder, name)["tar"], mode="r|") as tar:
+                for member in tar:
+                    yield decode_npz(tar.extractfile(member).read())
+
+    def failures(self) -> List[Dict]:
+        return [row for name in self.names for row in read_lines(shard_paths(self.folder, name)["failures"])]

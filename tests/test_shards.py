@@ -1,0 +1,248 @@
+"""
+Web scale: webdataset tar shards in (with a corrupt member and a truncated tar), output shards
+out; they equal a folder extraction, survive SIGKILL + rerun, split over independent workers;
+ids from the json, carried metadata, reading back by id and as a stream; CUDA out of memory
+through a stand-in extractor.
+"""
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2_regionfeat.extraction.manifest import OutputFolderError
+from d2_regionfeat.extraction.model_call import BatchExtractor
+from d2_regionfeat.extraction.shards import expand_braces, extract_shards, select_shards
+from d2_regionfeat.io import ShardFolder
+from detectron2.config import get_cfg
+
+from test_extract_net import generated, model, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
+
+# shard name -> samples (key, seed, height, width); None: a corrupt image member
+SHARDS = {
+    "00000": [("000000000", 1, 70, 90), ("000000001", None, 0, 0), ("000000002", 2, 80, 64)],
+    "00001": [("000010000", 3, 64, 100), ("000010001", 4, 96, 72), ("000010002", 5, 72, 72)],
+    "00002": [("000020000", 6, 90, 70), ("000020001", 7, 64, 64)],
+}
+TRUNCATED = "000010002"  # the tar of shard 00001 ends inside this sample's image
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def png_bytes(bgr):
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_shard(path, samples, truncate_at=None):
+    with tarfile.open(path, "w") as tar:
+        for key, seed, h, w in samples:
+            image = b"not an image" if seed is None else png_bytes(generated(seed, h, w))
+            members = {"png": image, "json": json.dumps({"url": f"http://x/{key}.png", "width": w}).encode(),
+                       "txt": f"caption {key}".encode()}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                if key == truncate_at and ext == "png":
+                    cut = tar.offset + 512 + len(data) // 2
+                tar.addfile(info, io.BytesIO(data))
+    if truncate_at:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    for name, samples in SHARDS.items():
+        write_shard(folder / f"{name}.tar", samples, TRUNCATED if name == "00001" else None)
+    return folder
+
+
+GOOD = [k for samples in SHARDS.values() for k, seed, _, _ in samples if seed is not None and k != TRUNCATED]
+
+
+def shard_args(model, shards, out, *more):
+    return tool_args(model, f"{shards}/{{00000..00002}}.tar", out, *more, formats=["npz"])
+
+
+def files(folder):
+    return {p: (folder / p).read_bytes() for p in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def extractor(model):
+    """The model as extract_net builds it, run in this process with the tool's one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield BatchExtractor(model.cfg)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tool_cfg(model):
+    """The config as the tool loads it from the model's yaml."""
+    cfg = get_cfg()
+    cfg.merge_from_file(str(model.yaml))
+    cfg.freeze()
+    return cfg
+
+
+def extract_here(cfg, shards, out, extractor, **options):
+    return extract_shards(cfg, f"{shards}/{{00000..00002}}.tar", str(out), batch_size=2,
+                          extractor=extractor, **options)
+
+
+@pytest.fixture(scope="module")
+def clean(model, shards, extractor, tool_main, tmp_path_factory):
+    """A one-worker run of the tool (in this process) over the three shards."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert tool_main(shard_args(model, shards, out)[2:]) == 0
+    return out
+
+
+def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
+    folder = tmp_path / "images"
+    for samples in SHARDS.values():
+        for key, seed, h, w in samples:
+            if key in GOOD:
+                save_bgr(folder / f"{key}.png", generated(seed, h, w))
+    out = tmp_path / "out"
+    assert tool_main(tool_args(model, folder, out, formats=["npz"])[2:]) == 0
+    assert sorted(os.listdir(clean)) == sorted(
+        [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")] + ["shards.json"]
+    )
+    members = {}
+    for name in SHARDS:
+        with tarfile.open(clean / f"{name}.tar") as tar:
+            for info in tar.getmembers():
+                members[info.name[: -len(".npz")]] = tar.extractfile(info).read()
+    assert sorted(members) == sorted(GOOD)
+    for key in GOOD:
+        assert members[key] == (out / "npz" / f"{key}.npz").read_bytes(), key
+    failures = {f["member"]: f for f in ShardFolder(str(clean)).failures()}
+    assert sorted(failures) == ["000000001.png", f"{TRUNCATED}.png"]
+    assert failures["000000001.png"]["shard"] == "00000"
+    assert failures["000000001.png"]["reason"].startswith(
+        "UnidentifiedImageError: cannot identify image file '000000001.png'"
+    )
+    assert failures[f"{TRUNCATED}.png"]["shard"] == "00001"
+    assert "broken tar" in failures[f"{TRUNCATED}.png"]["reason"]
+
+
+def test_read_back_by_id_and_as_stream(clean):
+    folder = ShardFolder(str(clean))
+    assert len(folder) == len(GOOD) and "000000001" not in folder
+    streamed = {r["image_id"]: r for r in folder}
+    assert sorted(streamed) == sorted(GOOD)
+    for key in GOOD:
+        record = folder[key]
+        np.testing.assert_array_equal(record["x"], streamed[key]["x"])
+        entry = folder.index(key)
+        assert entry["num_bbox"] == record["num_bbox"] == len(record["x"])
+        assert (entry["image_h"], entry["image_w"]) == (record["image_h"], record["image_w"])
+        assert entry["txt"] == f"caption {key}" and entry["json"]["url"] == f"http://x/{key}.png"
+
+
+def test_sigkill_mid_shard_then_rerun_equals_clean(model, tool_cfg, shards, clean, extractor, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(shard_args(model, shards, out), env=tool_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "00001.tar.partial").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "00000.jsonl").exists() and not (out / "00001.jsonl").exists()
+    counts = extract_here(tool_cfg, shards, out, extractor)
+    assert (counts["skipped"], counts["done"]) == (1, 4)
+    assert files(out) == files(clean)
+
+
+def test_two_workers_equal_one(tool_cfg, shards, clean, extractor, tmp_path):
+    out = tmp_path / "out"
+    extract_here(tool_cfg, shards, out, extractor, shard_index=0, num_shards=2)
+    assert sorted(p for p in os.listdir(out) if p.endswith(".tar")) == ["00000.tar", "00002.tar"]
+    extract_here(tool_cfg, shards, out, extractor, shard_index=1, num_shards=2)
+    assert files(out) == files(clean)
+
+
+def test_a_folder_of_other_settings_is_refused(tool_cfg, shards, clean):
+    before = files(clean)
+    with pytest.raises(OutputFolderError, match="other fp16"):
+        extract_here(tool_cfg, shards, clean, StandIn(), fp16=True)
+    assert files(clean) == before
+
+
+def test_worker_selection_and_braces():
+    assert expand_braces("s/{008..010}.tar") == ["s/008.tar", "s/009.tar", "s/010.tar"]
+    assert expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    assert select_shards(list("abcde"), 1, 2) == (["b", "d"], 1, 2)
+    assert select_shards(list("abc"), environ={"RANK": "2", "WORLD_SIZE": "3"}) == (["c"], 2, 3)
+    slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"}
+    assert select_shards(list("abc"), environ=dict(slurm, RANK="0", WORLD_SIZE="1")) == (["b"], 1, 2)
+    with pytest.raises(ValueError, match="--shard-index 2"):
+        select_shards(list("abc"), 2, 2)
+
+
+class StandIn:
+    """
+    An extractor that runs out of CUDA memory: always on ``always``, and on ``on_gpu`` unless
+    it is a CPU copy (its model no longer the original one). Records the calls it got.
+    """
+
+    def __init__(self, on_gpu=(), always=()):
+        self.model = torch.nn.Linear(1, 1)
+        self.gpu_model = self.model
+        self.on_gpu, self.always, self.calls = set(on_gpu), set(always), []
+
+    def __call__(self, inputs):
+        ids = [x["item"].image_id for x in inputs]
+        self.calls.append((ids, self.model is self.gpu_model))
+        if self.always & set(ids) or (self.model is self.gpu_model and self.on_gpu & set(ids)):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [{"image_id": i, "image_h": x["height"], "image_w": x["width"], "num_bbox": 0,
+                 "x": np.zeros((0, 4), np.float32)} for i, x in zip(ids, inputs)]
+
+
+def test_out_of_memory_retries_alone_then_on_cpu(model, shards, tmp_path):
+    stand_in = StandIn(on_gpu={"000020000"}, always={"000020001"})
+    counts = extract_shards(model.cfg, str(shards / "00002.tar"), str(tmp_path), batch_size=2,
+                            id_field=None, extractor=stand_in)
+    assert counts == {"shards": 1, "skipped": 0, "done": 1, "failed": 1}
+    folder = ShardFolder(str(tmp_path))
+    assert [r["image_id"] for r in folder] == ["000020000"]
+    reasons = [(f["id"], f["reason"].split(":")[0]) for f in folder.failures()]
+    assert reasons == [
+        ("000020000", "retry alone"), ("000020001", "retry alone"),
+        ("000020000", "retry on CPU"), ("000020001", "retry on CPU"), ("000020001", "failed"),
+    ]
+    assert all("CUDA out of memory" in f["reason"] for f in folder.failures())
+    assert [on_gpu for _, on_gpu in stand_in.calls] == [True, True, False, True, False]
+
+
+def test_id_field_from_json(model, shards, tmp_path):
+    extract_shards(model.cfg, str(shards / "00002.tar"), str(tmp_path), id_field="url", extractor=StandIn())
+    assert sorted(r["image_id"] for r in ShardFolder(str(tmp_path))) == [
+        "http://x/000020000.png", "http://x/000020001.png"
+    ]
+
+
+def test_shard_size_for_a_folder(model, tmp_path):
+    for i in range(5):
+        save_bgr(tmp_path / "in" / f"im{i}.png", generated(i, 64, 64))
+    counts = extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=2,
+                            extractor=StandIn())
+    assert counts["shards"] == 3 and counts["done"] == 5
+    assert sorted(os.listdir(tmp_path / "out"))[:3] == ["00000.failures.jsonl", "00000.jsonl", "00000.tar"]
+    with pytest.raises(OutputFolderError, match="other shard_size"):
+        extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=3, extractor=StandIn())
+    assert ShardFolder(str(tmp_path / "out")).index("im4")["member"] == "im4.npz"
