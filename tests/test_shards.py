@@ -23,7 +23,7 @@ from d2_regionfeat.extraction.shards import expand_braces, extract_shards, selec
 from d2_regionfeat.io import ShardFolder
 from detectron2.config import get_cfg
 
-from test_extract_net import generated, model, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
+from test_extract_net import generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
 
 # shard name -> samples (key, seed, height, width); None: a corrupt image member
 SHARDS = {
