@@ -63,8 +63,9 @@ class OscarWriter(JournalWriter):
     @classmethod
     def read(cls, path, names=None):
         """
-        Records of the layout (no ``cls_prob``), in file order; ``objects_id`` from the
-        labels' class names (through ``names``, or ``class_<index>`` without names).
+        Records of the layout (no ``cls_prob``), in file order; with the run's ``names``,
+        ``objects_id`` too, from the labels' class names (``class_<index>`` for a model
+        without names). Without ``names`` the labels cannot be told apart from names.
         """
         class_names = names.class_names if names is not None else None
 
@@ -80,13 +81,15 @@ class OscarWriter(JournalWriter):
                 regions = json.loads(label_line.rstrip("\n").split("\t")[1])
                 n = int(info["num_boxes"])
                 rows = unb64(info["features"], np.float32).reshape(n, -1)
-                yield {
+                record = {
                     "image_id": key,
                     "image_h": int(info["image_h"]),
                     "image_w": int(info["image_w"]),
                     "num_bbox": n,
                     "x": rows[:, :-6],
                     "bbox": np.array([r["rect"] for r in regions], np.float32).reshape(n, 4),
-                    "objects_id": np.array([class_id(r["class"]) for r in regions], np.int64),
                     "objects_conf": np.array([r["conf"] for r in regions], np.float32),
                 }
+                if names is not None:
+                    record["objects_id"] = np.array([class_id(r["class"]) for r in regions], np.int64)
+                yield record
