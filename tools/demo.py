@@ -130,8 +130,8 @@ def class_color(class_id):
 
 def draw_overview(images, regions, names, output_file, attribute_threshold, classes=CLASSES):
     """
-    Images (named ``names``) with their boxes, labelled with the ``classes`` names, in a grid, and the PCA of all region features beside them; the
-    boxes' labels name the attributes of at least ``attribute_threshold`` when there are any.
+    Images (named ``names``) with their boxes, labelled with the ``classes`` names, in a grid,
+    and the PCA of all region features beside them; the boxes' labels name the attributes of at least ``attribute_threshold`` when there are any.
     """
     columns = min(3, len(images))
     rows = -(-len(images) // columns)
@@ -150,11 +150,11 @@ def draw_overview(images, regions, names, output_file, attribute_threshold, clas
         ax.axis("off")
     ax = fig.add_subplot(grid[:, columns:])
     features = np.concatenate([r["x"] for r in regions])
-    classes = np.concatenate([r["objects_id"] for r in regions])
+    class_ids = np.concatenate([r["objects_id"] for r in regions])
     if len(features) >= 2:
         points = pca_2d(features)
         for c, name in enumerate(classes):
-            chosen = classes == c
+            chosen = class_ids == c
             ax.scatter(points[chosen, 0], points[chosen, 1], s=30, color=class_color(c),
                        label=f"{name} ({chosen.sum()})", edgecolors="k", linewidths=0.3)
         ax.legend(fontsize=8)
