@@ -1,6 +1,9 @@
 """Random-init detectron2 models for the tests: small inputs, fixed seeds, CPU."""
+import contextlib
+
 import numpy as np
 import torch
+import torchvision
 
 import d2_regionfeat  # noqa: F401  (registers the heads, adds the config node)
 from detectron2 import model_zoo
@@ -33,6 +36,20 @@ def make_cfg(kind="fpn", feature=True, **region_features):
     cfg.INPUT.MAX_SIZE_TEST = 320
     for key, value in region_features.items():
         cfg.MODEL.REGION_FEATURES[key.upper()] = value
+    return cfg
+
+
+def narrow(cfg):
+    """
+    ``cfg`` with a narrow ResNet (res5: 256 channels), FPN and box head and few proposals:
+    the same modules and code paths at a fraction of the cost (float64 tests run on it).
+    """
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 8
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
     return cfg
 
 
@@ -93,3 +110,49 @@ def image(seed, height=200, width=280):
 def inputs(*seeds_and_sizes):
     """model(inputs) dicts for (seed, height, width) triples."""
     return [{"image": image(s, h, w), "height": h, "width": w} for s, h, w in seeds_and_sizes]
+
+
+# ---- equality in float64 -------------------------------------------------------------------
+#
+# A test that states two computations equal (batch vs single calls, ours vs a restatement)
+# takes one of two forms, and says which:
+# - "exact in float64": the model cast with ``float64(model)`` and fed float64 images, where
+#   kernels of any CPU (oneDNN or not, AVX2 or AVX-512, 1 or 2 threads) round alike to ~1e-12,
+#   so the tolerance stays tight (``assert_float64_close``);
+# - "float32, tolerance of the tensor's scale": ``atol = 1e-4 * max|x|``, boxes in pixels.
+# Either way a misaligned or swapped row differs by the scale of the rows and fails.
+
+
+def _batched_nms_of_one_dtype(boxes, scores, idxs, iou_threshold, _batched_nms=torchvision.ops.boxes.batched_nms):
+    # detectron2's batched_nms casts the boxes to float32 but not the scores, which
+    # torchvision refuses; the kept set is that of the float32 values for both runs compared
+    return _batched_nms(boxes.float(), scores.float(), idxs, iou_threshold)
+
+
+@contextlib.contextmanager
+def float64(model):
+    """``model`` cast to float64 (and back to float32 after), its NMS fed one dtype."""
+    saved = torchvision.ops.boxes.batched_nms
+    torchvision.ops.boxes.batched_nms = _batched_nms_of_one_dtype
+    try:
+        yield model.double()
+    finally:
+        torchvision.ops.boxes.batched_nms = saved
+        model.float()
+
+
+def float64_inputs(batch):
+    """``batch`` (model input dicts) with float64 images."""
+    return [dict(x, image=x["image"].double()) for x in batch]
+
+
+def assert_float64_close(actual, expected):
+    """Equal to float64 rounding: within 1e-9 of the tensors' scale."""
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-9 * max(scale, 1.0))
+
+
+def assert_scaled_close(actual, expected, rel=1e-4):
+    """float32 rounding of another kernel path: within ``rel`` of the tensors' scale."""
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * max(scale, 1e-6))

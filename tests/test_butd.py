@@ -22,7 +22,7 @@ from detectron2.structures import Boxes, Instances
 
 import butd_reference as ref
 from d2_regionfeat.modeling.selection import select_butd
-from helpers import image
+from helpers import assert_scaled_close, image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VG = os.path.join(REPO, "configs", "VG", "faster_rcnn_R_101_C4_attr_butd.yaml")
@@ -268,16 +268,25 @@ def test_butd_needs_the_original_sizes(model):
         predictor.select([torch.zeros(2, 6400)], [probs], torch.zeros(2, 256), proposals)
 
 
+@pytest.mark.equality
 def test_batch_gives_the_per_image_results(model):
+    """
+    float32, within 1e-4 of each tensor's scale (detectron2's ROIPool of the legacy pooler
+    takes float32 boxes only, so this model cannot run in float64): a batched convolution
+    sums in another order than a single-image one, by the CPU's kernels, to ~1e-6 of the
+    scale; a misaligned or swapped row differs by the scale itself.
+    """
     batch = [{"image": image(s, 150, 200), "height": 300, "width": 400} for s in (21, 22)]
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+    with torch.no_grad():
         batched = [o["instances"] for o in model(batch)]
         singles = [model([x])[0]["instances"] for x in batch]
     for single, from_batch in zip(singles, batched):
+        assert len(single) > 0
         assert single.proposal_index.tolist() == from_batch.proposal_index.tolist()
         for name in ("box_features", "class_probs", "attr_probs", "scores"):
-            close(from_batch.get(name), single.get(name), rtol=1e-5)
-        close(from_batch.pred_boxes.tensor, single.pred_boxes.tensor, rtol=1e-5)
+            assert_scaled_close(from_batch.get(name), single.get(name))
+        # boxes in pixels: 1e-4 of the image size
+        assert_scaled_close(from_batch.pred_boxes.tensor, single.pred_boxes.tensor)
 
 
 def test_explain_report_prints_class_names(tmp_path):

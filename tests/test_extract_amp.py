@@ -34,6 +34,7 @@ def cfg():
     return cfg
 
 
+@pytest.mark.equality
 def test_amp_records_match_float32(cfg, images):
     dataset = ImageDataset(
         list_inputs(str(images)), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST

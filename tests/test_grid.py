@@ -9,22 +9,11 @@ from d2_regionfeat import region_outputs
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
-from helpers import build, image, make_cfg
+from helpers import assert_float64_close, build, float64, float64_inputs, image, make_cfg, narrow
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 # two sizes that pad alike (FPN: to 224 x 288) but cover different numbers of p3 cells
 SIZES = [(11, 200, 280), (12, 220, 262)]
-
-
-def narrow(cfg):
-    """Narrow ResNet (res5: 256 channels), FPN and box head, few proposals: fast on CPU."""
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
-    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 8
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
-    return cfg
 
 
 def grid_cfg(kind, feature, **grid):
@@ -102,21 +91,22 @@ def test_pooling_is_adaptive_average_of_the_cells(models):
     assert region_outputs(model).grid.output_fields()["features"] == "(32, 7, 8)"
 
 
+@pytest.mark.equality
 def test_batch_of_two_sizes_equals_single_images():
     """
-    Images that detectron2 pads alike (FPN: to multiples of 32) see in a batch what they see
-    alone; the grid of each is cut to its own cells (p3: 25 x 35 and 28 x 33 of the
-    batch's 28 x 36). Convolutions round differently with the batch size: a small tolerance.
+    Exact in float64. Images that detectron2 pads alike (FPN: to multiples of 32) see in a
+    batch what they see alone; the grid of each is cut to its own cells (p3: 25 x 35 and
+    28 x 33 of the batch's 28 x 36).
     """
     model = build(grid_cfg("fpn", "p3"))
     batch = [{"image": image(s, h, w)} for s, h, w in SIZES]
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
-        batched = model(batch)
-        singles = [model([x])[0] for x in batch]
+    with torch.no_grad(), float64(model):
+        batched = model(float64_inputs(batch))
+        singles = [model(float64_inputs([x]))[0] for x in batch]
     assert batched[0]["grid"]["features"].shape[1:] == (25, 35)
     assert batched[1]["grid"]["features"].shape[1:] == (28, 33)
     for single, from_batch in zip(singles, batched):
-        torch.testing.assert_close(from_batch["grid"]["features"], single["grid"]["features"], rtol=1e-4, atol=1e-4)
+        assert_float64_close(from_batch["grid"]["features"], single["grid"]["features"])
         assert from_batch["grid"]["image_size"] == single["grid"]["image_size"]
 
 
@@ -164,11 +154,44 @@ def test_grid_only_runs_no_proposals_nor_roi_heads():
     torch.testing.assert_close(out["grid"]["features"], expected[:, :7, :9])
 
 
-def test_training_is_untouched_by_the_grid(models):
-    model = models["fpn"]
-    assert "res4" not in region_outputs(model).instance_fields()
-    cfg = make_cfg("fpn")
-    assert cfg.MODEL.REGION_FEATURES.GRID.ENABLED is False
+def _train_step(cfg):
+    """One SGD step of ``cfg``'s model from seed 0 on two images: (losses, weights after)."""
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    cfg.MODEL.MASK_ON = False
+    model = build(cfg, wild=True).train()
+    batch = []
+    for s, h, w in SIZES:
+        gt = Instances((h, w))
+        gt.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 120.0, 150.0], [60.0, 5.0, 200.0, 90.0]]))
+        gt.gt_classes = torch.tensor([0, 2])
+        batch.append({"image": image(s, h, w), "instances": gt})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    torch.manual_seed(7)  # the heads' sampling
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    optimizer.step()
+    return losses, model.state_dict()
+
+
+def test_training_is_untouched_by_the_grid():
+    """A training step with the grid enabled gives the losses and weights of one without."""
+    plain = narrow(make_cfg("fpn"))
+    plain.MODEL.META_ARCHITECTURE = "RegionFeatureRCNN"
+    assert plain.MODEL.REGION_FEATURES.GRID.ENABLED is False
+    (losses, weights), (grid_losses, grid_weights) = _train_step(plain), _train_step(grid_cfg("fpn", "p3"))
+    assert losses.keys() == grid_losses.keys() and len(losses) >= 4
+    for name in losses:
+        assert torch.equal(losses[name], grid_losses[name]), name
+    assert weights.keys() == grid_weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(value, grid_weights[key]), key
+    # the step did train: the box predictor's weights moved from their initial values
+    initial = build(grid_cfg("fpn", "p3"), wild=True).state_dict()
+    assert not torch.equal(initial["roi_heads.box_predictor.cls_score.weight"],
+                           weights["roi_heads.box_predictor.cls_score.weight"])
 
 
 def test_bad_grid_keys_are_one_line_errors():

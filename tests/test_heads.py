@@ -9,7 +9,10 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from helpers import MODELS, NUM_CLASSES, build, image, inputs, make_cfg, tame
+from helpers import (
+    MODELS, NUM_CLASSES, assert_float64_close, build, float64, float64_inputs, image, inputs, make_cfg, narrow,
+    tame,
+)
 from reference import backbone_and_proposals, clipped_box, proposal_outputs
 
 BATCH = ((1, 200, 280), (2, 210, 270), (3, 220, 260))  # different sizes, one padded size
@@ -53,6 +56,7 @@ def test_detections_bit_identical_to_plain_heads(kind):
             assert torch.equal(value, other), name
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind", ["fpn", "c4", "cascade"])
 def test_box_features_are_those_of_the_producing_proposal(kind):
     model = build(make_cfg(kind, class_probs=True))
@@ -75,6 +79,7 @@ def test_box_features_are_those_of_the_producing_proposal(kind):
             torch.testing.assert_close(res.pred_boxes.tensor[j], box, rtol=0, atol=1e-4)
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind", ["fpn", "c4", "cascade"])
 def test_pooled_source_is_the_spatial_mean_of_the_pooled_map(kind):
     model = build(make_cfg(kind, source="pooled"))
@@ -89,31 +94,30 @@ def test_pooled_source_is_the_spatial_mean_of_the_pooled_map(kind):
         )
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind", ["fpn", "c4", "cascade"])
 def test_batch_gives_the_per_image_results(kind):
     """
-    A batch sees what single images see only when padding does not change: FPN pads every
-    image to a multiple of 32 (BATCH pads to one size), C4 pads to the batch's largest image,
-    so its images share one size. Matrix products round differently with the number of
-    rows (oneDNN convolutions with the batch size too, so they are off), hence the small
-    tolerance. Identical duplicate proposals may swap which one is kept, so rows are
-    compared, not proposal indices.
+    Exact in float64. A batch sees what single images see only when padding does not
+    change: FPN pads every image to a multiple of 32 (BATCH pads to one size), C4 pads to the
+    batch's largest image, so its images share one size. In float32 a batched convolution
+    sums in another order than a single-image one, which depends on the CPU's kernels; in
+    float64 that rounding is ~1e-12, so rows, their order and the proposal behind each
+    must agree.
     """
-    model = build(make_cfg(kind, class_probs=True))
+    model = build(narrow(make_cfg(kind, class_probs=True)))
     batch = inputs(*BATCH) if kind != "c4" else inputs(*[(s, 200, 280) for s, _, _ in BATCH])
-    with torch.backends.mkldnn.flags(enabled=False):
-        batched = run(model, batch)
-        singles = [run(model, [x])[0] for x in batch]
+    with float64(model):
+        batched = run(model, float64_inputs(batch))
+        singles = [run(model, float64_inputs([x]))[0] for x in batch]
     assert sum(len(x) for x in batched) > 0
     for single, from_batch in zip(singles, batched):
         assert len(single) == len(from_batch)
         assert torch.equal(single.pred_classes, from_batch.pred_classes)
+        assert torch.equal(single.proposal_index, from_batch.proposal_index)
         for name in ("box_features", "class_probs", "scores"):
-            scale = float(from_batch.get(name).abs().max()) if len(single) else 1.0
-            torch.testing.assert_close(
-                single.get(name), from_batch.get(name), rtol=1e-5, atol=1e-5 * scale
-            )
-        torch.testing.assert_close(single.pred_boxes.tensor, from_batch.pred_boxes.tensor)
+            assert_float64_close(single.get(name), from_batch.get(name))
+        assert_float64_close(single.pred_boxes.tensor, from_batch.pred_boxes.tensor)
 
 
 def test_feature_dimensions():

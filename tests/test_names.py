@@ -48,3 +48,29 @@ def test_demo_labels_use_the_class_names_file(tmp_path):
     assert vocabularies(cfg).class_names == demo.class_names(cfg) == names
     regions = {"objects_id": np.array([2, 0]), "objects_conf": np.array([0.97, 0.5], np.float32)}
     assert demo.region_label(regions, 0, demo.class_names(cfg), 0.2) == "thing2 0.97"
+
+
+def test_demo_main_on_two_images(tmp_path, monkeypatch, capsys):
+    """tools/demo.py as make demo runs it (its main), on two of the shipped demo images."""
+    import shutil
+    import sys
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("coffee.jpg", "shapes_val_0.jpg"):
+        shutil.copy(REPO / "demo" / "images" / name, images / name)
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--images", str(images), "--output", str(tmp_path / "out"),
+                                      "--confidence-threshold", "0.3"])
+    load_tool("demo").main()
+    stems = sorted(p.stem for p in images.iterdir())
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.npz")) == stems
+    for stem in stems:
+        with np.load(tmp_path / "out" / f"{stem}.npz") as record:
+            assert record["x"].shape == (int(record["num_bbox"]), record["x"].shape[1])
+            if stem.startswith("shapes"):  # the shipped model's own domain: it finds shapes
+                assert int(record["num_bbox"]) > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "overview.png") as overview:
+        assert overview.size[0] > 100 and overview.size[1] > 100
+    assert "Wrote 2 feature files" in capsys.readouterr().out

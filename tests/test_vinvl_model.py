@@ -117,6 +117,7 @@ def test_legacy_anchors_and_resize_are_vinvls():
 SIZES = [((149, 203), (298, 406)), ((187, 131), (187, 131))]  # odd long sides
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("box_mode", ["proposal", "regressed"])
 @pytest.mark.parametrize("size, out_size", SIZES)
 def test_network_equals_restatement(loaded, size, out_size, box_mode):
