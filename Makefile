@@ -23,8 +23,13 @@ $(DEPS_STAMP): | $(PY)
 install: $(DEPS_STAMP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
+# The suite on both cores (one torch thread per worker), then the tests marked equality
+# again on other CPU kernel paths (tests/conftest.py): oneDNN off, 1 thread, no vector
+# kernels; oneDNN on, 2 threads, AVX2. A result that holds on this CPU only fails here.
 test: install
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 tests
+	D2RF_TEST_MKLDNN=0 D2RF_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m equality tests
+	D2RF_TEST_MKLDNN=1 D2RF_TEST_THREADS=2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m equality tests
 
 # The benchmarks (bench/README.md), at settings that take minutes on 2 cores: tables printed,
 # JSON in bench/results/. One torch thread per process: ratios stay fair on a busy machine.
