@@ -7,7 +7,8 @@ byte for byte the one the ``--base`` commit makes.
     python bench/compare_layouts.py [--base main] [--keep DIR]
 
 Both runs are on this machine, one thread each, so float features agree to the bit; only
-``manifest.json`` and ``shards.json`` (versions, paths) are compared by their identity keys.
+``manifest.json`` and ``shards.json`` (versions, paths, keys added since) are compared by
+what says what made the output.
 Exit status 0 when every file is the same, else 1 with the differing paths.
 """
 import argparse
@@ -23,6 +24,7 @@ from common import REPO, save_model, write_images
 
 # manifest entries that say what made the output (not where, nor with which versions)
 MANIFEST_KEYS = ("config_sha256", "weights_sha256", "formats", "class_names", "counts", "feature_dim")
+SHARDS_KEYS = ("config_sha256", "weights_sha256", "fp16", "amp", "id", "id_field", "shard_size")
 
 
 def export(commit, folder):
@@ -65,12 +67,11 @@ def outputs(checkout, model, images, shards, out):
 
 
 def identity(name, data):
-    if os.path.basename(name) == "manifest.json":
-        manifest = json.loads(data)
-        return {k: manifest.get(k) for k in MANIFEST_KEYS}
-    if os.path.basename(name) == "shards.json":
-        return {k: v for k, v in json.loads(data).items() if k != "versions"}
-    return data
+    keys = {"manifest.json": MANIFEST_KEYS, "shards.json": SHARDS_KEYS}.get(os.path.basename(name))
+    if keys is None:
+        return data
+    manifest = json.loads(data)
+    return {k: manifest.get(k) for k in keys}
 
 
 def main():

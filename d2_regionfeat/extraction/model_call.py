@@ -1,10 +1,14 @@
 """
 The model call of an extraction: :class:`BatchExtractor` runs a region-feature model over
 decoded images and turns its output ``Instances`` into per-image records
-(:mod:`d2_regionfeat.formats.records`); :func:`record_keys` says which keys they hold.
+(:mod:`d2_regionfeat.formats.records`); :func:`record_keys` says which keys they hold;
+:class:`OutOfMemoryFallback` retries a batch that runs out of CUDA memory, whatever the
+run writes to.
 """
+import copy
+import logging
 from collections import defaultdict
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -14,6 +18,24 @@ from detectron2.modeling import build_model
 
 from ..formats.grid import GRID_KEYS, grid_record
 from ..modeling.outputs import RegionOutputs
+from .inputs import one_line
+
+logger = logging.getLogger(__name__)
+
+
+def build_extraction_model(cfg, weights: bool = True, device: Optional[str] = None):
+    """
+    The one place a run builds its model: ``cfg``'s model in eval mode, on ``device`` (default
+    ``MODEL.DEVICE``), with ``MODEL.WEIGHTS`` loaded unless ``weights`` is False.
+    """
+    if device is not None:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device
+    model = build_model(cfg).eval()
+    if weights:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model
 
 
 def record_keys(emits: RegionOutputs) -> List[str]:
@@ -44,8 +66,7 @@ class BatchExtractor:
     """
 
     def __init__(self, cfg, fp16=False, amp=False):
-        self.model = build_model(cfg).eval()
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.model = build_extraction_model(cfg)
         self.divisibility = max(1, self.model.backbone.size_divisibility)
         self.fp16 = fp16
         device = self.model.device.type
@@ -120,3 +141,61 @@ def _numpy(tensor, dtype):
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
     return tensor.numpy().astype(dtype)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def cpu_copy(extractor):
+    """A copy of a :class:`BatchExtractor` whose model runs on the CPU (float32)."""
+    cpu = copy.copy(extractor)
+    cpu.model = copy.deepcopy(extractor.model).to("cpu")
+    cpu.autocast = torch.autocast("cpu", enabled=False)
+    return cpu
+
+
+class OutOfMemoryFallback:
+    """
+    Runs an extractor over a batch; on a CUDA out-of-memory error frees the cache and runs each
+    image alone, and an image that still runs out on CPU (``make_cpu(extractor)``, made once).
+    Each retry is logged as a warning; an image that runs out on CPU too gives ``None`` and
+    ``fail(input, reason)``.
+    """
+
+    def __init__(self, extractor, make_cpu=cpu_copy):
+        self.extractor, self.make_cpu, self._cpu = extractor, make_cpu, None
+
+    def __call__(self, inputs: List[Dict], fail: Callable[[Dict, str], None]) -> List[Optional[Dict]]:
+        try:
+            return self.extractor(inputs)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if len(inputs) > 1:
+                logger.warning("%d images: retry alone: %s", len(inputs), one_line(e))
+        self._free()
+        return [self._alone(x, fail) for x in inputs]
+
+    def _free(self):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _alone(self, x, fail):
+        """``x``'s record, alone on the extractor's device, then on CPU; None if both run out."""
+        try:
+            return self.extractor([x])[0]
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            logger.warning("%s: retry on CPU: %s", x["item"].image_id, one_line(e))
+        self._free()
+        self._cpu = self._cpu or self.make_cpu(self.extractor)
+        try:
+            return self._cpu([x])[0]
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            fail(x, f"out of memory on CPU too: {one_line(e)}")
+        return None

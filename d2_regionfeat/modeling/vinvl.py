@@ -15,8 +15,8 @@ here changes a stock part:
 * :class:`VinVLOutputLayers` (``REGION_FEATURES.PREDICTOR``): the legacy box coder in the box
   predictor, and VinVL's attribute head (``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"``, see
   :func:`d2_regionfeat.modeling.attributes.vinvl_attribute_fields`);
-* :class:`VinVLResize` (``INPUT.RESIZE_LONG_SIDE: "truncate"``, :func:`build_test_resize`):
-  the long side truncated, not rounded;
+* the test resize with the long side truncated, not rounded (``INPUT.RESIZE_LONG_SIDE:
+  "truncate"``), is on the input side: :class:`d2_regionfeat.data.transforms.VinVLResize`;
 * :class:`VinVLRCNN` (``META_ARCHITECTURE``): output boxes only rescaled to the original
   image, never clipped nor dropped when empty (``MODEL.VINVL.KEEP_EMPTY_BOXES``).
 
@@ -28,7 +28,6 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
@@ -254,42 +253,6 @@ class VinVLOutputLayers(FeatureFastRCNNOutputLayers):
         if self.attribute_kind == "vinvl":
             return None
         return super().predict_attr_probs(predictions)
-
-
-def vinvl_resize_shape(height, width, short, max_size):
-    """maskrcnn-benchmark's ``Resize.get_size``: (new height, new width), long side truncated."""
-    small, large = float(min(height, width)), float(max(height, width))
-    if large / small * short > max_size:
-        short = int(round(max_size * small / large))
-    if min(height, width) == short:
-        return height, width
-    if width < height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
-
-
-class VinVLResize(T.Augmentation):
-    """Resize as maskrcnn-benchmark's test transform (see :func:`vinvl_resize_shape`)."""
-
-    def __init__(self, short_edge_length, max_size, interp=Image.BILINEAR):
-        super().__init__()
-        self._init(locals())
-
-    def get_transform(self, image):
-        h, w = image.shape[:2]
-        new_h, new_w = vinvl_resize_shape(h, w, self.short_edge_length, self.max_size)
-        return T.ResizeTransform(h, w, new_h, new_w, self.interp)
-
-
-def build_test_resize(cfg):
-    """The test resize ``INPUT.RESIZE_LONG_SIDE`` asks for: detectron2's ("round") or VinVL's."""
-    short, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-    rule = cfg.INPUT.RESIZE_LONG_SIDE
-    if rule == "round":
-        return T.ResizeShortestEdge([short, short], max_size)
-    if rule == "truncate":
-        return VinVLResize(short, max_size)
-    raise ValueError(f'INPUT.RESIZE_LONG_SIDE must be "round" or "truncate"; got {rule!r}')
 
 
 def rescale_boxes(instances, height, width):
