@@ -7,8 +7,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from ..formats import WRITERS, LayoutIdError, WriteOnlyLayoutError, read_features
-from ..formats.grid import GRID_KEYS
-from ..formats.records import int_id
+from ..formats.records import GRID_REQUIRED_KEYS, REQUIRED_KEYS, int_id
 from ..modeling.vocabulary import Vocabularies
 from .manifest import read_manifest
 from .run import NO_REGIONS, FailureLog, NoRegionsLog, RunFolder, check_formats, check_ids, read_log
@@ -16,11 +15,8 @@ from .run import NO_REGIONS, FailureLog, NoRegionsLog, RunFolder, check_formats,
 # Source layouts, best first: complete records (class probabilities, images without
 # regions), in input order where possible.
 SOURCE_PREFERENCE = ("hdf5", "lmdb", "npz", "tsv", "oscar", "butd_tsv", "openvqa", "openvqa_gqa", "ban_hdf5")
-# What every target layout is written from.
-REQUIRED_KEYS = ("image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf")
 # The same for grid layouts (written from grid records only).
 GRID_SOURCE_PREFERENCE = ("grid_hdf5", "grid_npz")
-GRID_REQUIRED_KEYS = GRID_KEYS[1:]
 # Records handed to the writers at once.
 CHUNK = 64
 

@@ -16,7 +16,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from ..formats.grid import GRID_KEYS, grid_record
+from ..formats.grid import grid_record
+from ..formats.records import GRID_KEYS, REGION_SPEC, RecordKey, image_record
 from ..modeling.outputs import RegionOutputs
 from .inputs import one_line
 
@@ -38,19 +39,18 @@ def build_extraction_model(cfg, weights: bool = True, device: Optional[str] = No
     return model
 
 
+def emitted(key: RecordKey, emits: RegionOutputs) -> bool:
+    """Whether the records of a model that emits ``emits`` hold region key ``key``."""
+    return key.when == "always" or getattr(emits, key.when)
+
+
 def record_keys(emits: RegionOutputs) -> List[str]:
     """The keys of the records of a model that emits ``emits``."""
     grid = list(GRID_KEYS) if emits.grid is not None else []
     if emits.grid is not None and emits.grid.only:
         return grid
-    keys = ["image_id", "image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf"]
-    keys += [k for k in grid if k not in keys]
-    if emits.class_probs:
-        keys.append("cls_prob")
-    if emits.attributes:
-        vinvl = emits.attribute_kind == "vinvl"
-        keys += ["attr_labels", "attr_scores"] if vinvl else ["attrs_id", "attrs_conf", "attr_prob"]
-    return keys
+    keys = [key.name for key in REGION_SPEC if emitted(key, emits)]
+    return keys + [k for k in grid if k not in keys]
 
 
 class BatchExtractor:
@@ -114,25 +114,12 @@ class BatchExtractor:
         return grid_record(x["item"].image_id, x["height"], x["width"], grid, self.fp16)
 
     def _record(self, x, instances):
-        record = {
-            "image_id": x["item"].image_id,
-            "image_h": x["height"],
-            "image_w": x["width"],
-            "num_bbox": len(instances),
-            "x": _numpy(instances.box_features, np.float16 if self.fp16 else np.float32),
-            "bbox": _numpy(instances.pred_boxes.tensor, np.float32),
-            "objects_id": _numpy(instances.pred_classes, np.int64),
-            "objects_conf": _numpy(instances.scores, np.float32),
-        }
-        if instances.has("class_probs"):
-            record["cls_prob"] = _numpy(instances.class_probs, np.float32)
-        if instances.has("attr_probs"):
-            record["attrs_id"] = _numpy(instances.attrs_id, np.int64)
-            record["attrs_conf"] = _numpy(instances.attrs_conf, np.float32)
-            record["attr_prob"] = _numpy(instances.attr_probs, np.float32)
-        if instances.has("attr_labels"):  # VinVL's attribute head
-            record["attr_labels"] = _numpy(instances.attr_labels, np.int64)
-            record["attr_scores"] = _numpy(instances.attr_scores, np.float32)
+        """The region record of ``instances``: every key of :data:`REGION_SPEC` they hold the field of."""
+        record = dict(image_record(x["item"].image_id, x["height"], x["width"]), num_bbox=len(instances))
+        for key in REGION_SPEC:
+            if key.source is not None and instances.has(key.source):
+                value = instances.get(key.source)
+                record[key.name] = _numpy(getattr(value, "tensor", value), key.numpy_dtype(self.fp16))
         return record
 
 

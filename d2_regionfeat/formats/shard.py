@@ -23,8 +23,7 @@ import os
 import tarfile
 from typing import Dict, Iterator, List, Optional
 
-from .grid import GRID_KEYS
-from .records import RECORD_KEYS, decode_npz, encode_npz
+from .records import GRID_KEYS, RECORD_KEYS, decode_npz, encode_npz
 
 # What a member holds of a record: its region keys, then the grid ones.
 MEMBER_KEYS = RECORD_KEYS + tuple(k for k in GRID_KEYS if k not in RECORD_KEYS)
