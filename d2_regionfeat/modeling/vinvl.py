@@ -25,6 +25,7 @@ background first in the class rows is the checkpoint conversion's business
 (:mod:`d2_regionfeat.modeling.ports.vinvl`).
 """
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.file_io import PathManager
 
+from ..data.transforms import build_test_transform
 from .attributes import vinvl_attribute_fields
 from .checkpoint import register_checkpoint_conversion
 from .config import vinvl_node
@@ -321,13 +323,19 @@ class VinVLRCNN(RegionFeatureRCNN):
     * output boxes rescaled to the original size only (``MODEL.VINVL.KEEP_EMPTY_BOXES``),
       not clipped, and regions of zero width or height kept;
     * the names of ``MODEL.VINVL.LABELMAP`` in ``DATASETS.TEST``'s metadata
-      (:func:`register_labelmap`).
+      (:func:`register_labelmap`);
+    * a warning, once, when an input was not resized by ``test_resize`` (the config's
+      :func:`~d2_regionfeat.data.build_test_transform`): detectron2's ``DefaultPredictor``
+      builds its own rounding resize, which gives a long side one pixel off VinVL's
+      truncating one for many sizes, and no hook of it lets the config's reach it.
     """
 
     @configurable
     def __init__(self, *, legacy_frozen_bn=True, keep_empty_boxes=True, attribute_head=None,
-                 **kwargs):
+                 test_resize=None, **kwargs):
         super().__init__(**kwargs)
+        self.test_resize = test_resize
+        self._resize_warned = False
         register_checkpoint_conversion(self)  # VinVL's checkpoint spans the whole model
         if legacy_frozen_bn:
             use_legacy_frozen_bn(self)
@@ -341,7 +349,8 @@ class VinVLRCNN(RegionFeatureRCNN):
         ret = super().from_config(cfg)
         node = vinvl_node(cfg)
         register_labelmap(cfg)
-        ret.update(legacy_frozen_bn=node.FROZEN_BN_NO_EPS, keep_empty_boxes=node.KEEP_EMPTY_BOXES)
+        ret.update(legacy_frozen_bn=node.FROZEN_BN_NO_EPS, keep_empty_boxes=node.KEEP_EMPTY_BOXES,
+                   test_resize=build_test_transform(cfg))
         attributes = cfg.MODEL.ROI_ATTRIBUTE_HEAD
         if cfg.MODEL.ATTRIBUTE_ON and attributes.KIND == "vinvl":
             ret["attribute_head"] = (attributes.SCORE_THRESH, attributes.MAX_PER_REGION)
@@ -367,7 +376,27 @@ class VinVLRCNN(RegionFeatureRCNN):
             ).items():
                 x.set(name, value)
 
+    def _check_resize(self, batched_inputs):
+        """Warn once about an input whose size is not what ``test_resize`` makes of its original."""
+        if self.test_resize is None or self._resize_warned:
+            return
+        for x in batched_inputs:
+            if "height" not in x or "width" not in x:
+                continue
+            resize = self.test_resize.get_transform(np.empty((x["height"], x["width"], 0), np.uint8))
+            expected, got = (resize.new_h, resize.new_w), tuple(x["image"].shape[-2:])
+            if got != expected:
+                self._resize_warned = True
+                warnings.warn(
+                    f"a {x['height']}x{x['width']} image came resized to {got[0]}x{got[1]}, not the "
+                    f"{expected[0]}x{expected[1]} of this config's test resize (INPUT.RESIZE_LONG_SIDE); "
+                    "DefaultPredictor resizes by rounding: use d2_regionfeat.modeling.given_boxes.RegionPredictor, or "
+                    "d2_regionfeat.data.build_test_transform(cfg), for the features VinVL gives"
+                )
+                return
+
     def inference(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        self._check_resize(batched_inputs)
         results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
         if not do_postprocess:
             return results
