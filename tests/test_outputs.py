@@ -6,12 +6,17 @@ from d2_regionfeat import region_outputs
 from helpers import build, inputs, make_cfg
 
 
-@pytest.mark.parametrize("kind,attributes", [("fpn", False), ("c4", True)])
-def test_region_outputs_state_the_fields_and_shapes_of_the_outputs(kind, attributes):
+def regions_cfg(kind, attributes):
     cfg = make_cfg(kind, selection="regions")
     if attributes:
         cfg.MODEL.ATTRIBUTE_ON = True
         cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES = 5
+    return cfg
+
+
+@pytest.mark.parametrize("kind,attributes", [("fpn", False), ("c4", True)])
+def test_region_outputs_state_the_fields_and_shapes_of_the_outputs(kind, attributes):
+    cfg = regions_cfg(kind, attributes)
     model = build(cfg)
     stated = region_outputs(model)
     with torch.no_grad():
@@ -38,10 +43,7 @@ def test_records_hold_the_keys_dtypes_and_shapes_of_the_record_spec(kind, attrib
     from d2_regionfeat.extraction.model_call import BatchExtractor, record_keys
     from d2_regionfeat.formats.records import REGION_SPEC
 
-    cfg = make_cfg(kind, selection="regions")
-    if attributes:
-        cfg.MODEL.ATTRIBUTE_ON = True
-        cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES = 5
+    cfg = regions_cfg(kind, attributes)
     extractor = BatchExtractor(cfg, fp16=True)
     extractor.model = build(cfg)
     [x] = inputs((3, 160, 200))
