@@ -23,6 +23,7 @@ import torch
 
 from bench_extract import fpn_800
 from common import interleaved_medians, parser, report, save_model, shipped_model, synchronize, write_images
+from d2_regionfeat.data import build_test_transform
 from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
 from d2_regionfeat.extraction.model_call import BatchExtractor
 from detectron2.config import get_cfg
@@ -33,7 +34,7 @@ IOU = 0.9
 def load_inputs(cfg, folder):
     """The model inputs of the images in ``folder`` (decoded and resized as extract_net does)."""
     dataset = ImageDataset(
-        list_inputs(folder), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        list_inputs(folder), cfg.INPUT.FORMAT, build_test_transform(cfg)
     )
     return [dataset[i] for i in range(len(dataset))]
 

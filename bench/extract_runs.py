@@ -30,7 +30,7 @@ import extract_net  # noqa: E402  (tools/extract_net.py: imports torch, detectro
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import d2_regionfeat.extraction.pipeline  # noqa: E402
+import d2_regionfeat.extraction.job  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
 
 
@@ -90,13 +90,13 @@ def run_extract(args):
     state = {}
     writers = WriterClock()
 
-    class TimedExtractor(d2_regionfeat.extraction.pipeline.BatchExtractor):
+    class TimedExtractor(d2_regionfeat.extraction.job.BatchExtractor):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             state["clock"] = ModelClock(self.model)
             state["built"] = time.time()
 
-    d2_regionfeat.extraction.pipeline.BatchExtractor = TimedExtractor
+    d2_regionfeat.extraction.job.BatchExtractor = TimedExtractor
     argv = [
         "--config-file", args.config, "--input", args.images, "--output", args.output,
         "--format", args.formats, "--batch-size", str(args.batch_size),

@@ -9,6 +9,7 @@ import torch
 
 from d2_regionfeat.data.synthetic import render_image
 from d2_regionfeat.default_model import get_default_model_cfg
+from d2_regionfeat.data import build_test_transform
 from d2_regionfeat.extraction.inputs import ImageDataset, list_inputs
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest
 from d2_regionfeat.extraction.job import prepare_job
@@ -37,7 +38,7 @@ def cfg():
 @pytest.mark.equality
 def test_amp_records_match_float32(cfg, images):
     dataset = ImageDataset(
-        list_inputs(str(images)), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        list_inputs(str(images)), cfg.INPUT.FORMAT, build_test_transform(cfg)
     )
     inputs = [dataset[i] for i in range(len(dataset))]
     reference = BatchExtractor(cfg)(inputs)
@@ -97,7 +98,7 @@ def test_box_path_runs_in_float32_under_autocast(kind):
 def test_amp_features_of_given_boxes_are_float32s(cfg, images):
     """The shipped (trained) model: bfloat16 in the backbone alone keeps features' direction."""
     dataset = ImageDataset(
-        list_inputs(str(images)), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        list_inputs(str(images)), cfg.INPUT.FORMAT, build_test_transform(cfg)
     )
     extractor = BatchExtractor(cfg, amp=True)
     cosines = []

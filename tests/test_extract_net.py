@@ -343,7 +343,7 @@ def test_bad_inputs_are_processed_or_recorded(model, bad_set, tmp_path):
     out = tmp_path / "out"
     result = run_tool(*tool_args(model, bad_set.folder, out, "--fp16", formats=["npz", "tsv"]))
     assert result.returncode == 0, result.stderr
-    failures = {f["image_id"]: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    failures = {f["id"]: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
     assert sorted(failures) == ["dangling", "empty", "text", "truncated"]
     assert "FileNotFoundError" in failures["dangling"]
     assert failures["empty"] == "ValueError: empty file"

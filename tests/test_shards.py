@@ -17,13 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
+from d2_regionfeat.extraction import ExtractionError, InputError, extract, prepare_job
 from d2_regionfeat.extraction.manifest import OutputFolderError
 from d2_regionfeat.extraction.model_call import BatchExtractor
-from d2_regionfeat.extraction.shards import expand_braces, extract_shards, select_shards
-from d2_regionfeat.io import ShardFolder
+from d2_regionfeat.extraction.pipeline import extract_shards
+from d2_regionfeat.extraction.shards import expand_braces, select_shards
+from d2_regionfeat.io import ShardFolder, read_features
 from detectron2.config import get_cfg
 
 from test_extract_net import generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
+from test_grid_formats import grid_model  # noqa: F401  (a module fixture)
 
 # shard name -> samples (key, seed, height, width); None: a corrupt image member
 SHARDS = {
@@ -97,7 +100,7 @@ def tool_cfg(model):
 
 
 def extract_here(cfg, shards, out, extractor, **options):
-    return extract_shards(cfg, f"{shards}/{{00000..00002}}.tar", str(out), batch_size=2,
+    return extract_shards(cfg, f"{shards}/{{00000..00002}}.tar", str(out), batch_size=2, num_workers=0,
                           extractor=extractor, **options)
 
 
@@ -157,11 +160,13 @@ def test_sigkill_mid_shard_then_rerun_equals_clean(model, tool_cfg, shards, clea
     process = subprocess.Popen(shard_args(model, shards, out), env=tool_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "00001.tar.partial").exists() and process.poll() is None and time.time() < deadline:
+    # shard 00001's first batch is in the model then
+    while not (out / "00000.jsonl").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (out / "00000.jsonl").exists() and not (out / "00001.jsonl").exists()
+    (out / "00001.tar.partial").write_bytes(b"what a killed writer leaves")
     counts = extract_here(tool_cfg, shards, out, extractor)
     assert (counts["skipped"], counts["done"]) == (1, 4)
     assert files(out) == files(clean)
@@ -177,7 +182,7 @@ def test_two_workers_equal_one(tool_cfg, shards, clean, extractor, tmp_path):
 
 def test_a_folder_of_other_settings_is_refused(tool_cfg, shards, clean):
     before = files(clean)
-    with pytest.raises(OutputFolderError, match="other fp16"):
+    with pytest.raises(OutputFolderError, match="--fp16 differ"):
         extract_here(tool_cfg, shards, clean, StandIn(), fp16=True)
     assert files(clean) == before
 
@@ -216,21 +221,19 @@ class StandIn:
 def test_out_of_memory_retries_alone_then_on_cpu(model, shards, tmp_path):
     stand_in = StandIn(on_gpu={"000020000"}, always={"000020001"})
     counts = extract_shards(model.cfg, str(shards / "00002.tar"), str(tmp_path), batch_size=2,
-                            id_field=None, extractor=stand_in)
-    assert counts == {"shards": 1, "skipped": 0, "done": 1, "failed": 1}
+                            num_workers=0, id_field=None, extractor=stand_in)
+    assert counts == {"shards": 1, "skipped": 0, "done": 1, "failed": 1, "lost": []}
     folder = ShardFolder(str(tmp_path))
     assert [r["image_id"] for r in folder] == ["000020000"]
-    reasons = [(f["id"], f["reason"].split(":")[0]) for f in folder.failures()]
-    assert reasons == [
-        ("000020000", "retry alone"), ("000020001", "retry alone"),
-        ("000020000", "retry on CPU"), ("000020001", "retry on CPU"), ("000020001", "failed"),
-    ]
-    assert all("CUDA out of memory" in f["reason"] for f in folder.failures())
+    [failure] = folder.failures()
+    assert (failure["id"], failure["shard"], failure["member"]) == ("000020001", "00002", "000020001.png")
+    assert failure["reason"].startswith("out of memory on CPU too: ") and "CUDA out of memory" in failure["reason"]
     assert [on_gpu for _, on_gpu in stand_in.calls] == [True, True, False, True, False]
 
 
 def test_id_field_from_json(model, shards, tmp_path):
-    extract_shards(model.cfg, str(shards / "00002.tar"), str(tmp_path), id_field="url", extractor=StandIn())
+    extract_shards(model.cfg, str(shards / "00002.tar"), str(tmp_path), id_field="url", num_workers=0,
+                   extractor=StandIn())
     assert sorted(r["image_id"] for r in ShardFolder(str(tmp_path))) == [
         "http://x/000020000.png", "http://x/000020001.png"
     ]
@@ -240,9 +243,97 @@ def test_shard_size_for_a_folder(model, tmp_path):
     for i in range(5):
         save_bgr(tmp_path / "in" / f"im{i}.png", generated(i, 64, 64))
     counts = extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=2,
-                            extractor=StandIn())
+                            num_workers=0, extractor=StandIn())
     assert counts["shards"] == 3 and counts["done"] == 5
     assert sorted(os.listdir(tmp_path / "out"))[:3] == ["00000.failures.jsonl", "00000.jsonl", "00000.tar"]
-    with pytest.raises(OutputFolderError, match="other shard_size"):
-        extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=3, extractor=StandIn())
+    with pytest.raises(OutputFolderError, match="--shard-size differ"):
+        extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=3, num_workers=0,
+                       extractor=StandIn())
     assert ShardFolder(str(tmp_path / "out")).index("im4")["member"] == "im4.npz"
+
+
+# The bugs of the shard path's own loop (issue 24), each against the one run path.
+
+def test_lost_shard_leaves_no_output_and_is_retried(model, shards, clean, tool_main, tmp_path):
+    """An input shard that cannot be opened: no complete output shard, its reason, exit 1; a rerun retries it."""
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("00000", "00002"):
+        (source / f"{name}.tar").write_bytes((shards / f"{name}.tar").read_bytes())
+    out = tmp_path / "out"
+    args = tool_args(model, f"{source}/{{00000..00002}}.tar", out, formats=["npz"])[2:]
+    assert tool_main(args) == 1
+    folder = ShardFolder(str(out))
+    assert folder.names == ["00000", "00002"]
+    [lost] = folder.lost()
+    assert (lost["shard"], lost["id"]) == ("00001", None)
+    assert lost["reason"].startswith(f"cannot open {source}/00001.tar: FileNotFoundError")
+    (source / "00001.tar").write_bytes((shards / "00001.tar").read_bytes())
+    assert tool_main(args) == 0
+    assert ShardFolder(str(out)).names == sorted(SHARDS) and ShardFolder(str(out)).lost() == []
+    assert {k: v for k, v in files(out).items() if k != "shards.json"} == {
+        k: v for k, v in files(clean).items() if k != "shards.json"}
+
+
+def test_glob_of_tar_shards(model, shards, clean, tool_main, tmp_path):
+    out = tmp_path / "out"
+    assert tool_main(tool_args(model, f"{shards}/*.tar", out, formats=["npz"])[2:]) == 0
+    assert files(out) == files(clean)
+    with pytest.raises(InputError, match="no file matches"):
+        extract_shards(model.cfg, f"{tmp_path}/none/*.tar", str(tmp_path / "other"), extractor=StandIn())
+
+
+def test_limit_workers_and_processes(model, shards, clean, tool_main, tmp_path):
+    """--limit N: the first N samples of each shard; --num-workers and --num-gpus as a folder run."""
+    out = tmp_path / "limited"
+    counts = extract_shards(model.cfg, f"{shards}/{{00000..00002}}.tar", str(out), limit=1, num_workers=2,
+                            extractor=StandIn())
+    assert (counts["done"], counts["failed"]) == (3, 0)
+    assert sorted(r["image_id"] for r in ShardFolder(str(out))) == ["000000000", "000010000", "000020000"]
+    out = tmp_path / "two_processes"
+    result = subprocess.run(shard_args(model, shards, out, "--num-gpus", "2"), env=tool_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert files(out) == files(clean)
+
+
+def test_a_plain_head_is_refused_before_any_shard(model, shards, tmp_path):
+    cfg = model.cfg.clone()
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    with pytest.raises(ExtractionError, match="gives no region features"):
+        extract_shards(cfg, str(shards / "00002.tar"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("only", [False, True])
+def test_grid_records_in_shards(grid_model, only, tmp_path):
+    cfg, images = grid_model
+    cfg = cfg.clone()
+    cfg.MODEL.REGION_FEATURES.GRID.ONLY = only
+    cfg.freeze()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name in sorted(os.listdir(images)):
+            tar.add(images / name, arcname=name)
+    counts = extract_shards(cfg, str(tmp_path / "00000.tar"), str(tmp_path / "out"), num_workers=0)
+    assert (counts["done"], counts["failed"]) == (2, 0)
+    folder_run = tmp_path / "folder"
+    extract(prepare_job(cfg, str(images), str(folder_run), ["grid_npz"], 1, num_workers=0))
+    grids = {r["image_id"]: r for r in read_features(str(folder_run), "grid_npz")}
+    folder = ShardFolder(str(tmp_path / "out"))
+    for record in folder:
+        np.testing.assert_array_equal(record["grid"], grids[record["image_id"]]["grid"])
+        assert ("x" in record) == (not only) == ("num_bbox" in folder.index(record["image_id"]))
+
+
+def test_out_of_memory_in_a_folder_run(model, tmp_path):
+    """The folder run retries as the shard run does: alone, then on CPU; a final failure is logged."""
+    for i in range(3):
+        save_bgr(tmp_path / "in" / f"im{i}.png", generated(i, 64, 64))
+    job = prepare_job(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), ["npz"], 1, num_workers=0,
+                      batch_size=3)
+    extract(job, StandIn(on_gpu={"im0"}, always={"im2"}))
+    assert sorted(os.listdir(tmp_path / "out" / "npz")) == ["im0.npz", "im1.npz"]
+    [entry] = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert (entry["id"], entry["member"]) == ("im2", str(tmp_path / "in" / "im2.png"))
+    assert entry["reason"].startswith("out of memory on CPU too")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["failed"] == 1

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vinvl_network as net
-from d2_regionfeat.modeling.vinvl import VinVLResize, legacy_cell_anchors, vinvl_resize_shape
+from d2_regionfeat.data.transforms import VinVLResize, vinvl_resize_shape
+from d2_regionfeat.modeling.vinvl import legacy_cell_anchors
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model

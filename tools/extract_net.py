@@ -56,7 +56,8 @@ from d2_regionfeat.extraction.launch import launch  # noqa: E402
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest  # noqa: E402
 from d2_regionfeat.extraction.job import ExtractionError, prepare_job  # noqa: E402
 from d2_regionfeat.extraction.pipeline import extract  # noqa: E402
-from d2_regionfeat.extraction.shards import extract_shards, is_shard_source  # noqa: E402
+from d2_regionfeat.extraction.shards import is_shard_source  # noqa: E402
+from d2_regionfeat.formats.shard import ShardFolder  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
@@ -153,14 +154,16 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     formats = [f for value in args.format or ["npz"] for f in value.split(",") if f]
-    if args.shard_size or is_shard_source(args.input):
-        return _main_shards(parser, args, formats)
+    shard_run = bool(args.shard_size) or is_shard_source(args.input)
     try:
+        if shard_run and "LOCAL_RANK" in os.environ and not args.device and torch.cuda.is_available():
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU a process
         cfg = setup_cfg(args)
         job = prepare_job(
             cfg, args.input, args.output, formats, args.num_gpus * args.num_machines,
             resume=args.resume, image_root=args.image_root, limit=args.limit, claim=args.machine_rank == 0,
-            id_mode=args.id_mode,
+            id_mode=args.id_mode, shard_size=args.shard_size, id_field=args.id_field,
+            shard_index=args.shard_index, num_shards=args.num_shards,
             batch_size=args.batch_size, num_workers=args.num_workers, fp16=args.fp16, amp=args.amp,
         )
     except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
@@ -169,6 +172,8 @@ def main(argv=None):
         extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
         args=(job,), device=cfg.MODEL.DEVICE,
     )
+    if shard_run:
+        return _shards_status(job, args.strict)
     manifest = read_manifest(args.output)
     if not (manifest and manifest["complete"]):
         return 1
@@ -178,26 +183,14 @@ def main(argv=None):
     return 0
 
 
-def _main_shards(parser, args, formats):
-    """Sharded output: each worker its input shards, no launch, no merge."""
-    try:
-        if formats != ["npz"]:
-            raise ExtractionError("sharded output holds npz members only: drop --format, or convert later")
-        if "LOCAL_RANK" in os.environ and not args.device and torch.cuda.is_available():
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU a process
-        cfg = setup_cfg(args)
-        counts = extract_shards(
-            cfg, args.input, args.output, args.shard_index, args.num_shards, args.shard_size,
-            image_root=args.image_root, id_mode=args.id_mode, id_field=args.id_field,
-            batch_size=args.batch_size, fp16=args.fp16, amp=args.amp,
-        )
-    except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    print(
-        f"Shards: {counts['shards']} of this worker, {counts['skipped']} already complete; "
-        f"{counts['done']} images extracted, {counts['failed']} failed (in <shard>.failures.jsonl)"
-    )
-    return 1 if args.strict and counts["failed"] else 0
+def _shards_status(job, strict):
+    """1 when a shard of this worker is not complete (lost), or with ``strict`` holds failures."""
+    folder = ShardFolder(job.output_dir)
+    mine = {s.name for s in job.shards}
+    if not mine <= set(folder.names):
+        return 1
+    failed = [f for f in folder.failures() if f["shard"] in mine]
+    return 1 if strict and failed else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Datasets of d2_regionfeat: the synthetic shapes the shipped default model is trained on."""
+"""
+The input side of d2_regionfeat: the test transform every path uses, and the synthetic
+shapes the shipped default model is trained on.
+"""
 from .synthetic import (
     ATTRIBUTES,
     CLASSES,
@@ -6,8 +9,11 @@ from .synthetic import (
     register_synthetic_shapes,
     render_image,
 )
+from .transforms import VinVLResize, build_test_transform
 
 __all__ = [
+    "VinVLResize",
+    "build_test_transform",
     "ATTRIBUTES",
     "CLASSES",
     "load_synthetic_shapes",

@@ -7,20 +7,16 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from ..formats import WRITERS, LayoutIdError, WriteOnlyLayoutError, read_features
-from ..formats.grid import GRID_KEYS
-from ..formats.records import int_id
+from ..formats.records import GRID_REQUIRED_KEYS, REQUIRED_KEYS, int_id
 from ..modeling.vocabulary import Vocabularies
 from .manifest import read_manifest
-from .run import FAILURES_NAME, NO_REGIONS, NO_REGIONS_NAME, RunFolder, check_formats, check_ids, read_log
+from .run import NO_REGIONS, FailureLog, NoRegionsLog, RunFolder, check_formats, check_ids, read_log
 
 # Source layouts, best first: complete records (class probabilities, images without
 # regions), in input order where possible.
 SOURCE_PREFERENCE = ("hdf5", "lmdb", "npz", "tsv", "oscar", "butd_tsv", "openvqa", "openvqa_gqa", "ban_hdf5")
-# What every target layout is written from.
-REQUIRED_KEYS = ("image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf")
 # The same for grid layouts (written from grid records only).
 GRID_SOURCE_PREFERENCE = ("grid_hdf5", "grid_npz")
-GRID_REQUIRED_KEYS = GRID_KEYS[1:]
 # Records handed to the writers at once.
 CHUNK = 64
 
@@ -127,8 +123,8 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
     if run.claim(manifest, resume):
         return read_manifest(output_dir)
 
-    failed = _log(in_dir, FAILURES_NAME, id_mode)
-    no_regions = _log(in_dir, NO_REGIONS_NAME, id_mode)
+    failed = _log(in_dir, FailureLog, id_mode)
+    no_regions = _log(in_dir, NoRegionsLog, id_mode)
     outputs = run.outputs(0, 1, ids, {i: e["path"] for i, e in no_regions.items()})
     chunk, seen = [], set()
     for record in records():
@@ -152,16 +148,16 @@ def convert(in_dir: str, formats: Sequence[str], output_dir: str, id_mode: Optio
     )
 
 
-def _log(in_dir, name, id_mode) -> Dict[str, Dict]:
-    """The entries of the source's failures / no-regions file, by (new) image id."""
-    path = os.path.join(in_dir, name)
+def _log(in_dir, log, id_mode) -> Dict[str, Dict]:
+    """The entries of the source's failures / no-regions file (``log``: its class), by (new) image id."""
+    path = os.path.join(in_dir, log.stem + ".jsonl")
     entries: List[Dict] = read_log(path) if os.path.isfile(path) else []
     out = {}
     for entry in entries:
-        image_id = entry["image_id"]
+        image_id = entry[log.id_key]
         try:
             image_id = _new_id(image_id, id_mode)
         except LayoutIdError:
             pass  # a failed image keeps the id it had
-        out[image_id] = dict(entry, image_id=image_id)
+        out[image_id] = dict(entry, **{log.id_key: image_id})
     return out

@@ -237,22 +237,29 @@ class ImageDataset(torch.utils.data.Dataset):
     per item the model input dict ``{"image": (3, h, w) float32, "height": H, "width": W}``
     plus ``"item"`` (its :class:`ImageItem`), or ``{"item", "error"}`` (a one-line reason)
     when it cannot be used.
+
+    Args:
+        image_format: the model's ``INPUT.FORMAT``.
+        resize: the test transform (:func:`d2_regionfeat.data.build_test_transform`).
     """
 
-    def __init__(self, items: List[ImageItem], image_format: str, min_size: int, max_size: int):
+    def __init__(self, items: List[ImageItem], image_format: str, resize: T.Augmentation):
         self.items = items
         self.image_format = image_format
-        self.resize = T.ResizeShortestEdge([min_size, min_size], max_size)
+        self.resize = resize
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        item = self.items[index]
+        return self.decode(self.items[index])
+
+    def decode(self, item: ImageItem, image=None):
+        """The entry of ``item``, read from ``image`` (an open binary file) or its path."""
         if item.error:
             return {"item": item, "error": item.error}
         try:
-            original = decode_image(item.path, self.image_format)
+            original = decode_image(item.path if image is None else image, self.image_format)
         except Exception as e:  # whatever one file does (PIL raises many types) fails it alone
             return {"item": item, "error": one_line(e)}
         height, width = original.shape[:2]

@@ -1,28 +1,35 @@
 """
 The job of an extraction (``tools/extract_net.py``): :func:`prepare_job` checks everything a
 run needs (config, weights, inputs, output folder, what the model emits against what the
-layouts need, the model's names) and writes the initial manifest before any process starts;
-:func:`finish` completes it once every rank is done; :func:`summary` is the end-of-run report.
+layouts need, the model's names) and claims the output folder before any process starts,
+for every kind of input (folder, list, dataset, tar shards); :func:`finish` completes a
+folder run's manifest once every rank is done; :func:`summary` and :func:`shard_summary` are
+the end-of-run reports. The model of a run is built by :meth:`ExtractionJob.extractor`, its
+input transform by :meth:`ExtractionJob.images`, its config's identity by
+:func:`config_identity`.
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from detectron2.config import CfgNode
-from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
+from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.utils.file_io import PathManager
 
+from ..data.transforms import build_test_transform
 from ..formats import WRITERS, LayoutIdError
+from ..formats.shard import is_complete
 from ..modeling.config import region_features_node
 from ..modeling.heads import RegionFeatureHeadsMixin
 from ..modeling.outputs import RegionOutputs, region_outputs
 from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies, vocabularies
-from .inputs import ImageItem, list_inputs, one_line
-from .manifest import MANIFEST_VERSION, package_versions, sha256_file, sha256_text
-from .model_call import record_keys
+from .inputs import ImageDataset, ImageItem, list_inputs, one_line
+from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_file, sha256_text
+from .model_call import BatchExtractor, build_extraction_model, record_keys
 from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
+from .shards import SHARDS_MANIFEST, InputShard, is_shard_source, plan_shards, select_shards
 
 
 class ExtractionError(RuntimeError):
@@ -47,6 +54,19 @@ class ExtractionJob:
     amp: bool = False
     # The output folder already holds the finished run.
     complete: bool = False
+    # A shard run: this worker's input shards (``items`` is then empty), see :mod:`.shards`.
+    shards: Optional[List[InputShard]] = None
+    id_field: Optional[str] = None
+    # tar shards: the first ``limit`` samples of each (0: all)
+    limit: int = 0
+
+    def extractor(self) -> BatchExtractor:
+        """The run's model call (the model built, with its weights, on its device)."""
+        return BatchExtractor(self.cfg, self.fp16, self.amp)
+
+    def images(self, items: List[ImageItem]) -> ImageDataset:
+        """``items`` decoded and resized as the model takes them."""
+        return ImageDataset(items, self.cfg.INPUT.FORMAT, build_test_transform(self.cfg))
 
 
 def _local_weights(cfg):
@@ -62,17 +82,44 @@ def _local_weights(cfg):
     return path
 
 
-def _config_sha256(cfg):
-    """Checksum of the config, less the keys that do not change the features' meaning."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = ""
-    cfg.MODEL.WEIGHTS = ""
-    return sha256_text(cfg.dump())
+def config_identity(cfg) -> Dict:
+    """
+    What of the config decides the features, as the manifests store it: ``config_sha256``
+    (less the keys that do not change the features' meaning), ``weights`` and their
+    ``weights_sha256``.
+
+    Raises:
+        ExtractionError: the weights are not set or cannot be fetched.
+    """
+    weights = _local_weights(cfg)
+    plain = cfg.clone()
+    plain.defrost()
+    plain.MODEL.DEVICE = ""
+    plain.MODEL.WEIGHTS = ""
+    return {
+        "config_sha256": sha256_text(plain.dump()), "weights": cfg.MODEL.WEIGHTS,
+        "weights_sha256": sha256_file(weights),
+    }
+
+
+def _check_model(cfg) -> RegionOutputs:
+    """What the model of ``cfg`` emits, once it is known to give region features."""
+    region_features_node(cfg)
+    try:
+        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    except KeyError:
+        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
+    if not issubclass(head, RegionFeatureHeadsMixin):
+        raise ExtractionError(
+            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
+            "use a Feature head (merge configs/region_features.yaml)"
+        )
+    return _region_outputs(cfg)
 
 
 def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
-                limit=0, claim=True, id_mode=None, **options) -> ExtractionJob:
+                limit=0, claim=True, id_mode=None, shard_size=0, id_field=None, shard_index=None,
+                num_shards=None, **options) -> ExtractionJob:
     """
     Check a run's settings, list its inputs and claim its output folder (writing the
     initial manifest there).
@@ -86,29 +133,39 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         resume: continue the run that made ``output_dir``.
         claim: check and claim the output folder (the first machine of a run does; the
             others' processes start only once it has).
+        shard_size, id_field, shard_index, num_shards: a shard run (tar shards in, or
+            ``shard_size``), see :mod:`.shards`.
         options: the other fields of :class:`ExtractionJob`.
 
     Raises:
         ExtractionError, InputError, OutputFolderError: with a one-line message.
     """
-    region_features_node(cfg)
-    try:
-        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
-    except KeyError:
-        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
-    if not issubclass(head, RegionFeatureHeadsMixin):
-        raise ExtractionError(
-            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
-            "use a Feature head (merge configs/region_features.yaml)"
-        )
-    try:
-        formats = check_formats(formats)
-    except ValueError as e:
-        raise ExtractionError(str(e))
-    emits = _region_outputs(cfg)
-    _check_needs(emits, formats)
+    shard_run = bool(shard_size) or is_shard_source(source)
+    if shard_run and list(formats) != ["npz"]:
+        raise ExtractionError("sharded output holds npz members only: drop --format, or convert later")
+    if not shard_run:
+        try:
+            formats = check_formats(formats)
+        except ValueError as e:
+            raise ExtractionError(str(e))
+    emits = _check_model(cfg)
+    if not shard_run:
+        _check_needs(emits, formats)
     names = vocabularies(cfg)
-    weights = _local_weights(cfg)
+    identity = config_identity(cfg)
+    if shard_run:
+        shards, _, _ = select_shards(plan_shards(source, shard_size, image_root, id_mode, limit),
+                                     shard_index, num_shards)
+        claim_output_folder(output_dir, dict(
+            identity, fp16=bool(options.get("fp16", False)), amp=bool(options.get("amp", False)),
+            id_field=id_field, id=id_mode, shard_size=shard_size, limit=limit,
+            class_names=names.class_names, versions=package_versions(),
+        ), resume, shared=True, name=SHARDS_MANIFEST)
+        return ExtractionJob(
+            cfg=cfg, items=[], output_dir=output_dir, formats=["npz"], emits=emits, names=names,
+            shards=shards, id_field=id_field, limit=limit,
+            complete=all(is_complete(output_dir, s.name) for s in shards), **options
+        )
     items = list_inputs(source, image_root, limit, id_mode)
     if not items:
         raise ExtractionError(f"--input {source} holds no images")
@@ -120,9 +177,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "manifest_version": MANIFEST_VERSION,
         "complete": False,
         "config": cfg.dump(),
-        "config_sha256": _config_sha256(cfg),
-        "weights": cfg.MODEL.WEIGHTS,
-        "weights_sha256": sha256_file(weights),
+        **identity,
         "formats": formats,
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
@@ -150,11 +205,8 @@ def _region_outputs(cfg) -> RegionOutputs:
     What the model of ``cfg`` emits, asked of it built once on the CPU without its weights
     (what it emits does not depend on them): a second or two, before any process starts.
     """
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
     try:
-        return region_outputs(build_model(cfg))
+        return region_outputs(build_extraction_model(cfg, weights=False, device="cpu"))
     except ValueError as e:
         raise ExtractionError(one_line(e))
 
@@ -211,4 +263,20 @@ def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
             f"  time       model {model_s:.1f} s, writers {write_s:.2f} s (in a thread beside "
             f"the model; {100 * write_s / max(model_s, 1e-9):.1f}% of model time), summed over ranks"
         )
+    return "\n".join(lines)
+
+
+def shard_summary(output_dir, stats: List[Dict], seconds: float) -> str:
+    """The end-of-run report of a shard run (``stats``: each rank's)."""
+    lost = [name for s in stats for name in s["lost"]]
+    done = sum(s["done"] for s in stats)
+    lines = [
+        f"Shards: {sum(s['shards'] for s in stats)} of this worker, {sum(s['complete'] for s in stats)} "
+        f"already complete; {done} images extracted, {sum(s['failed'] for s in stats)} failed "
+        f"(in <shard>.failures.jsonl) in {output_dir}",
+        f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)",
+    ]
+    if lost:
+        lines.append(f"  lost       {len(lost)} input shards could not be read ({', '.join(sorted(lost))}; "
+                     "reasons in <shard>.failures.jsonl): rerun to retry them")
     return "\n".join(lines)

@@ -22,6 +22,9 @@ IDENTITY_KEYS = {
     "world_size": "number of processes",
     "inputs_sha256": "inputs (--input, --limit)",
     "id": "--id",
+    "id_field": "--id-field",
+    "shard_size": "--shard-size",
+    "limit": "--limit",
 }
 # module -> distribution (detectron2 may come as another distribution, e.g. pb1-detectron2)
 _PACKAGES = {
@@ -70,19 +73,26 @@ def read_manifest(output_dir: str):
         return json.load(f)
 
 
+def _write_json(path: str, manifest: dict):
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def write_manifest(output_dir: str, manifest: dict):
     """Write the manifest atomically."""
     path = os.path.join(output_dir, MANIFEST_NAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(path + ".tmp", manifest)
     os.replace(path + ".tmp", path)
 
 
-def claim_output_folder(output_dir: str, manifest: dict, resume: bool) -> dict:
+def claim_output_folder(output_dir: str, manifest: dict, resume: bool, shared: bool = False,
+                        name: str = MANIFEST_NAME) -> dict:
     """
-    Make ``output_dir`` this run's: a new or empty folder gets ``manifest``; with
-    ``resume``, a folder made by a run with the same :data:`IDENTITY_KEYS` is continued.
+    Make ``output_dir`` this run's: a new or empty folder gets ``manifest`` (as ``name``,
+    atomically: of racing processes one writes it); with ``resume``, a folder made by a run
+    with the same :data:`IDENTITY_KEYS` is continued. A ``shared`` folder (independent
+    workers writing output shards) may hold other files and is always continued.
 
     Returns:
         the manifest now in the folder.
@@ -91,22 +101,31 @@ def claim_output_folder(output_dir: str, manifest: dict, resume: bool) -> dict:
         OutputFolderError: the folder holds other files, another run's output, or (without
             ``resume``) output of this one. Nothing in it is changed then.
     """
-    existing = read_manifest(output_dir)
-    if existing is None:
-        if os.path.isdir(output_dir) and os.listdir(output_dir):
+    path = os.path.join(output_dir, name)
+    if not os.path.isfile(path):
+        if not shared and os.path.isdir(output_dir) and os.listdir(output_dir):
             raise OutputFolderError(
-                f"output folder {output_dir} is not empty and holds no {MANIFEST_NAME}; "
+                f"output folder {output_dir} is not empty and holds no {name}; "
                 "choose a new or empty folder"
             )
         os.makedirs(output_dir, exist_ok=True)
-        write_manifest(output_dir, manifest)
-        return manifest
-    if not resume:
+        temporary = f"{path}.{os.getpid()}.tmp"
+        _write_json(temporary, manifest)
+        try:
+            os.link(temporary, path)  # fails if it exists: no process overwrites another's
+            return manifest
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(temporary)
+    elif not (resume or shared):
         raise OutputFolderError(
             f"output folder {output_dir} already holds features; pass --resume to continue "
             "that run, or choose another folder"
         )
-    differs = [name for key, name in IDENTITY_KEYS.items() if existing.get(key) != manifest[key]]
+    with open(path) as f:
+        existing = json.load(f)
+    differs = [label for key, label in IDENTITY_KEYS.items() if existing.get(key) != manifest.get(key)]
     if differs:
         raise OutputFolderError(
             f"output folder {output_dir} was written by another run (its {', '.join(differs)} "

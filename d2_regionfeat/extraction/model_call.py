@@ -1,10 +1,14 @@
 """
 The model call of an extraction: :class:`BatchExtractor` runs a region-feature model over
 decoded images and turns its output ``Instances`` into per-image records
-(:mod:`d2_regionfeat.formats.records`); :func:`record_keys` says which keys they hold.
+(:mod:`d2_regionfeat.formats.records`); :func:`record_keys` says which keys they hold;
+:class:`OutOfMemoryFallback` retries a batch that runs out of CUDA memory, whatever the
+run writes to.
 """
+import copy
+import logging
 from collections import defaultdict
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -12,8 +16,32 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from ..formats.grid import GRID_KEYS, grid_record
+from ..formats.grid import grid_record
+from ..formats.records import GRID_KEYS, REGION_SPEC, RecordKey, image_record
 from ..modeling.outputs import RegionOutputs
+from .inputs import one_line
+
+logger = logging.getLogger(__name__)
+
+
+def build_extraction_model(cfg, weights: bool = True, device: Optional[str] = None):
+    """
+    The one place a run builds its model: ``cfg``'s model in eval mode, on ``device`` (default
+    ``MODEL.DEVICE``), with ``MODEL.WEIGHTS`` loaded unless ``weights`` is False.
+    """
+    if device is not None:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device
+    model = build_model(cfg).eval()
+    if weights:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model
+
+
+def emitted(key: RecordKey, emits: RegionOutputs) -> bool:
+    """Whether the records of a model that emits ``emits`` hold region key ``key``."""
+    return key.when == "always" or getattr(emits, key.when)
 
 
 def record_keys(emits: RegionOutputs) -> List[str]:
@@ -21,14 +49,8 @@ def record_keys(emits: RegionOutputs) -> List[str]:
     grid = list(GRID_KEYS) if emits.grid is not None else []
     if emits.grid is not None and emits.grid.only:
         return grid
-    keys = ["image_id", "image_h", "image_w", "num_bbox", "x", "bbox", "objects_id", "objects_conf"]
-    keys += [k for k in grid if k not in keys]
-    if emits.class_probs:
-        keys.append("cls_prob")
-    if emits.attributes:
-        vinvl = emits.attribute_kind == "vinvl"
-        keys += ["attr_labels", "attr_scores"] if vinvl else ["attrs_id", "attrs_conf", "attr_prob"]
-    return keys
+    keys = [key.name for key in REGION_SPEC if emitted(key, emits)]
+    return keys + [k for k in grid if k not in keys]
 
 
 class BatchExtractor:
@@ -44,8 +66,7 @@ class BatchExtractor:
     """
 
     def __init__(self, cfg, fp16=False, amp=False):
-        self.model = build_model(cfg).eval()
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.model = build_extraction_model(cfg)
         self.divisibility = max(1, self.model.backbone.size_divisibility)
         self.fp16 = fp16
         device = self.model.device.type
@@ -93,25 +114,12 @@ class BatchExtractor:
         return grid_record(x["item"].image_id, x["height"], x["width"], grid, self.fp16)
 
     def _record(self, x, instances):
-        record = {
-            "image_id": x["item"].image_id,
-            "image_h": x["height"],
-            "image_w": x["width"],
-            "num_bbox": len(instances),
-            "x": _numpy(instances.box_features, np.float16 if self.fp16 else np.float32),
-            "bbox": _numpy(instances.pred_boxes.tensor, np.float32),
-            "objects_id": _numpy(instances.pred_classes, np.int64),
-            "objects_conf": _numpy(instances.scores, np.float32),
-        }
-        if instances.has("class_probs"):
-            record["cls_prob"] = _numpy(instances.class_probs, np.float32)
-        if instances.has("attr_probs"):
-            record["attrs_id"] = _numpy(instances.attrs_id, np.int64)
-            record["attrs_conf"] = _numpy(instances.attrs_conf, np.float32)
-            record["attr_prob"] = _numpy(instances.attr_probs, np.float32)
-        if instances.has("attr_labels"):  # VinVL's attribute head
-            record["attr_labels"] = _numpy(instances.attr_labels, np.int64)
-            record["attr_scores"] = _numpy(instances.attr_scores, np.float32)
+        """The region record of ``instances``: every key of :data:`REGION_SPEC` they hold the field of."""
+        record = dict(image_record(x["item"].image_id, x["height"], x["width"]), num_bbox=len(instances))
+        for key in REGION_SPEC:
+            if key.source is not None and instances.has(key.source):
+                value = instances.get(key.source)
+                record[key.name] = _numpy(getattr(value, "tensor", value), key.numpy_dtype(self.fp16))
         return record
 
 
@@ -120,3 +128,61 @@ def _numpy(tensor, dtype):
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
     return tensor.numpy().astype(dtype)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def cpu_copy(extractor):
+    """A copy of a :class:`BatchExtractor` whose model runs on the CPU (float32)."""
+    cpu = copy.copy(extractor)
+    cpu.model = copy.deepcopy(extractor.model).to("cpu")
+    cpu.autocast = torch.autocast("cpu", enabled=False)
+    return cpu
+
+
+class OutOfMemoryFallback:
+    """
+    Runs an extractor over a batch; on a CUDA out-of-memory error frees the cache and runs each
+    image alone, and an image that still runs out on CPU (``make_cpu(extractor)``, made once).
+    Each retry is logged as a warning; an image that runs out on CPU too gives ``None`` and
+    ``fail(input, reason)``.
+    """
+
+    def __init__(self, extractor, make_cpu=cpu_copy):
+        self.extractor, self.make_cpu, self._cpu = extractor, make_cpu, None
+
+    def __call__(self, inputs: List[Dict], fail: Callable[[Dict, str], None]) -> List[Optional[Dict]]:
+        try:
+            return self.extractor(inputs)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if len(inputs) > 1:
+                logger.warning("%d images: retry alone: %s", len(inputs), one_line(e))
+        self._free()
+        return [self._alone(x, fail) for x in inputs]
+
+    def _free(self):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _alone(self, x, fail):
+        """``x``'s record, alone on the extractor's device, then on CPU; None if both run out."""
+        try:
+            return self.extractor([x])[0]
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            logger.warning("%s: retry on CPU: %s", x["item"].image_id, one_line(e))
+        self._free()
+        self._cpu = self._cpu or self.make_cpu(self.extractor)
+        try:
+            return self._cpu([x])[0]
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            fail(x, f"out of memory on CPU too: {one_line(e)}")
+        return None

@@ -1,9 +1,12 @@
 """
-The pipeline of an extraction, what every process (rank) runs (:func:`extract`): it extracts
-its contiguous run of input batches (split as detectron2's ``InferenceSampler`` splits) into
-its parts of the outputs, images decoded in DataLoader workers and records written in a
-thread beside the model; rank 0 then merges the parts, completes the manifest and prints a
-summary. Outputs and their crash safety are described in :mod:`d2_regionfeat.formats`.
+The pipeline of an extraction, what every process (rank) runs (:func:`extract`), and its one
+loop (:func:`run_batches`): batches decoded in DataLoader workers go to the model (with
+:class:`.model_call.OutOfMemoryFallback`) and their records to a sink (:mod:`.sinks`) in a
+thread beside it. A folder run's rank extracts its contiguous run of input batches (split as
+detectron2's ``InferenceSampler`` splits) into its parts of the outputs, and rank 0 then
+merges the parts, completes the manifest and prints a summary; a shard run's rank extracts
+every world-size-th of the worker's input shards that is not complete. Outputs and their crash
+safety are described in :mod:`d2_regionfeat.formats`.
 """
 import time
 from collections import deque
@@ -17,11 +20,13 @@ from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .inputs import ImageDataset
-from .job import ExtractionJob, finish, summary
+from ..formats.shard import is_complete
+from .job import ExtractionJob, finish, prepare_job, shard_summary, summary
 from .manifest import read_manifest
-from .model_call import BatchExtractor
+from .model_call import OutOfMemoryFallback
 from .run import RunFolder, RunOutputs
+from .shards import ShardDataset
+from .sinks import FolderSink, ShardSink
 
 # How many batches the writer thread may lag behind the model.
 WRITE_AHEAD = 2
@@ -68,61 +73,93 @@ def _rank_outputs(job: ExtractionJob) -> RunOutputs:
     )
 
 
-def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
+def run_batches(loader, extractor, sink, stats: Dict, skip=frozenset(), bar=None):
     """
-    Extract this rank's ``batches`` (of indices into ``job.items``) into its parts.
+    The loop of every run: each batch of ``loader`` (lists of :class:`.inputs.ImageDataset`
+    entries, less those whose id is in ``skip``) through ``extractor`` (retried by
+    :class:`.model_call.OutOfMemoryFallback`), then to ``sink.store`` (see :mod:`.sinks`).
 
-    Images are decoded in DataLoader workers (received one batch ahead, in a thread), and
-    written in a thread (in order, at most :data:`WRITE_AHEAD` batches behind the model), so
-    that the model waits for neither.
+    Batches are received one ahead, in a thread, and stored in another (in order, at most
+    :data:`WRITE_AHEAD` batches behind the model), so that the model waits for neither.
+    ``sink`` is closed at the end, also when the loop stops on an error.
     """
+    run = OutOfMemoryFallback(extractor)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as write_thread, \
+                ThreadPoolExecutor(max_workers=1) as read_thread:
+            pending = deque()
+            for batch in _read_ahead(iter(loader), read_thread):
+                batch = [x for x in batch if "item" not in x or x["item"].image_id not in skip]
+                inputs = [x for x in batch if "image" in x]
+                start = time.perf_counter()
+                records = run(inputs, lambda x, reason: x.update(error=reason)) if inputs else []
+                stats["model_s"] += time.perf_counter() - start
+                for x, record in zip(inputs, records):
+                    del x["image"]
+                    if record is not None:
+                        x["record"] = record
+                pending.append(write_thread.submit(_timed, sink.store, batch))
+                while len(pending) > WRITE_AHEAD:
+                    stats["write_s"] += pending.popleft().result()
+                stats["done"] += sum("record" in x for x in batch)
+                stats["failed"] += sum("error" in x for x in batch)
+                stats["regions"] += [x["record"]["num_bbox"] for x in batch if "num_bbox" in x.get("record", {})]
+                if bar is not None:
+                    bar.update(sum("item" in x for x in batch))
+            while pending:
+                stats["write_s"] += pending.popleft().result()
+    finally:
+        sink.close()
+
+
+def _progress(total, initial):
+    return tqdm(
+        total=total, initial=initial, unit="img", dynamic_ncols=True,
+        disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",
+        mininterval=1.0,  # each redraw costs the model thread a GIL hand-over
+    )
+
+
+def _extract_batches(job: ExtractionJob, batches: List[List[int]], extractor=None) -> Dict:
+    """Extract this rank's ``batches`` (of indices into ``job.items``) into its parts."""
     outputs = _rank_outputs(job)
     recorded = outputs.recorded
     todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
     stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
-    if todo:
-        dataset = ImageDataset(
-            job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
-        )
-        # started first: the workers decode the first batches while the model is built
-        loader = iter(torch.utils.data.DataLoader(
-            dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
-        ))
-        extractor = BatchExtractor(job.cfg, job.fp16, job.amp)
-        bar = tqdm(
-            total=sum(map(len, batches)), initial=stats["skipped"], unit="img", dynamic_ncols=True,
-            disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",
-            mininterval=1.0,  # each redraw costs the model thread a GIL hand-over
-        )
-        with bar, ThreadPoolExecutor(max_workers=1) as write_thread, \
-                ThreadPoolExecutor(max_workers=1) as read_thread:
-            pending = deque()
-            for batch in _read_ahead(loader, read_thread):
-                batch = [x for x in batch if x["item"].image_id not in recorded]
-                failed = [x for x in batch if "error" in x]
-                start = time.perf_counter()
-                records = extractor([x for x in batch if "error" not in x])
-                stats["model_s"] += time.perf_counter() - start
-                failed = [
-                    {"image_id": x["item"].image_id, "path": x["item"].path, "reason": x["error"]}
-                    for x in failed
-                ]
-                pending.append(write_thread.submit(_timed, outputs.store, records, failed))
-                while len(pending) > WRITE_AHEAD:
-                    stats["write_s"] += pending.popleft().result()
-                stats["done"] += len(records)
-                stats["failed"] += len(failed)
-                stats["regions"] += [r["num_bbox"] for r in records if "num_bbox" in r]
-                bar.update(len(batch))
-            while pending:
-                stats["write_s"] += pending.popleft().result()
-    outputs.close()
+    if not todo:
+        outputs.close()
+        return stats
+    # started first: the workers decode the first batches while the model is built
+    loader = iter(torch.utils.data.DataLoader(
+        job.images(job.items), batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
+    ))
+    extractor = extractor or job.extractor()
+    with _progress(sum(map(len, batches)), stats["skipped"]) as bar:
+        run_batches(loader, extractor, FolderSink(outputs), stats, skip=recorded, bar=bar)
     return stats
 
 
-def extract(job: ExtractionJob):
+def _extract_shards(job: ExtractionJob, rank: int, world_size: int, extractor=None) -> Dict:
+    """Extract this rank's input shards (every ``world_size``-th of the worker's) not yet complete."""
+    mine = job.shards[rank::world_size]
+    todo = [s for s in mine if not is_complete(job.output_dir, s.name)]
+    stats = dict(_new_stats(skipped=0), shards=len(mine), complete=len(mine) - len(todo), lost=[])
+    if not todo:
+        return stats
+    dataset = ShardDataset(todo, job.images([]), job.batch_size, job.id_field, job.limit)
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=min(job.num_workers, len(todo)), collate_fn=_as_list
+    ))
+    sink = ShardSink(job.output_dir)
+    run_batches(loader, extractor or job.extractor(), sink, stats)
+    stats["lost"] = sink.lost
+    return stats
+
+
+def extract(job: ExtractionJob, extractor=None):
     """
-    What each rank runs: its shard, then (rank 0) the merge and summary.
+    What each rank runs: its part of the inputs, then (rank 0) the merge and summary.
+    ``extractor``: in place of the job's :class:`.model_call.BatchExtractor`.
 
     The inputs are cut into batches of ``job.batch_size`` first, and the batches shared out
     in contiguous runs (as ``InferenceSampler`` shares images): every image is batched with
@@ -133,13 +170,19 @@ def extract(job: ExtractionJob):
     # detectron2's logs (checkpoint loading, incompatible keys) of rank 0, as train_net's
     setup_logger(distributed_rank=rank, name="fvcore")
     setup_logger(distributed_rank=rank)
+    if job.shards is not None:
+        stats = comm.gather(_extract_shards(job, rank, world_size, extractor), dst=0)
+        if comm.is_main_process():
+            print(shard_summary(job.output_dir, stats, time.perf_counter() - start))
+        comm.synchronize()
+        return stats
     step, size = job.batch_size, len(job.items)
     batches = [list(range(i, min(i + step, size))) for i in range(0, size, step)]
     batches = [batches[b] for b in InferenceSampler._get_local_indices(len(batches), world_size, rank)]
     if job.complete:
         stats = _new_stats(skipped=sum(map(len, batches)))
     else:
-        stats = _extract_batches(job, batches)
+        stats = _extract_batches(job, batches, extractor)
     stats = comm.gather(stats, dst=0)
     if comm.is_main_process():
         if not job.complete:
@@ -147,3 +190,18 @@ def extract(job: ExtractionJob):
         seconds = time.perf_counter() - start
         print(summary(job.output_dir, read_manifest(job.output_dir), stats, seconds))
     comm.synchronize()
+    return stats
+
+
+def extract_shards(cfg, source: str, output_dir: str, extractor=None, **settings) -> Dict:
+    """
+    A shard run in this process (one rank): :func:`.job.prepare_job` of ``source`` (tar
+    shards, or ``shard_size=N``) and ``settings``, then :func:`extract`.
+
+    Returns:
+        counts ``{"shards", "skipped" (already complete), "done", "failed", "lost" (names)}``.
+    """
+    job = prepare_job(cfg, source, output_dir, ["npz"], 1, **settings)
+    stats = extract(job, extractor)[0]
+    return {"shards": stats["shards"], "skipped": stats["complete"], "done": stats["done"],
+            "failed": stats["failed"], "lost": stats["lost"]}

@@ -25,10 +25,12 @@ class JsonLinesLog(LineLog):
     """
 
     stem = ""
+    # the entries' key of their image id
+    id_key = "image_id"
 
     def __init__(self, output_dir: str, rank: int, world_size: int):
         path = new_part(output_dir, self.stem, rank, world_size)
-        super().__init__(path, lambda line: json.loads(line)["image_id"])
+        super().__init__(path, lambda line: json.loads(line)[self.id_key])
 
     def add(self, entries: List[Dict]):
         self.append((json.dumps(e, ensure_ascii=False) + "\n").encode("utf-8") for e in entries)
@@ -41,11 +43,12 @@ class JsonLinesLog(LineLog):
 
 class FailureLog(JsonLinesLog):
     """
-    The images a rank could not extract, as JSON lines ``{"image_id", "path", "reason"}``;
-    merged into ``<output>/failures.jsonl``.
+    The images a rank could not extract, as JSON lines of :func:`failure` entries; merged into
+    ``<output>/failures.jsonl``.
     """
 
     stem = "failures"
+    id_key = "id"
 
 
 class NoRegionsLog(JsonLinesLog):
@@ -59,6 +62,17 @@ class NoRegionsLog(JsonLinesLog):
 
 
 FAILURES_NAME = FailureLog.stem + ".jsonl"
+
+
+def failure(item, reason: str) -> Dict:
+    """
+    The failure entry of every run: ``{"id", "member", "reason"}`` of an input that gave no
+    record (``member``: its file, or its tar member), and ``"shard"`` for an input shard's.
+    """
+    entry = {"id": item.image_id, "member": item.path, "reason": reason}
+    if getattr(item, "shard", None):
+        entry["shard"] = item.shard
+    return entry
 NO_REGIONS_NAME = NoRegionsLog.stem + ".jsonl"
 
 

@@ -1,41 +1,44 @@
 """
-Extraction at web scale: webdataset shards in (``--input 'shards/{00000..00099}.tar'``), one
-output shard per input shard out (:mod:`d2_regionfeat.formats.shard`), independent workers.
+Tar shards as the input of a run (``--input 'shards/{00000..00099}.tar'``, or a listed input cut
+into shards by ``--shard-size N``): naming, expanding and sharing out the input shards, reading a
+tar stream into samples, and :class:`ShardDataset`, which decodes them in DataLoader workers for
+the run's loop (:mod:`.pipeline`); each becomes one output shard (:mod:`.sinks`,
+:mod:`d2_regionfeat.formats.shard`).
 
 Input shards are read with the standard library's ``tarfile`` in stream mode, from a local
-path, any fsspec URL (``s3://``, ``gs://``, ``https://``, where the fsspec filesystem is
+path or glob, any fsspec URL (``s3://``, ``gs://``, ``https://``, where the fsspec filesystem is
 installed), or webdataset's ``pipe:CMD`` form (the command's stdout). Members are grouped
 into samples as webdataset groups them: ``dir/000420001.jpg``, ``dir/000420001.json`` and
 ``dir/000420001.txt`` are the sample of key ``dir/000420001``. An image that does not decode,
-and a tar that ends or breaks inside a member, are recorded in the shard's failures (shard and
-member); the samples before are extracted, and the run goes on with the next shard.
+and a tar that ends or breaks inside a member, are failures of the shard (shard and member);
+the samples before are extracted and the shard completes. A shard that cannot be opened at all
+is lost: it gets no output shard, so that the next run tries it again.
 
 Workers (``--shard-index I --num-shards N``, else ``SLURM_ARRAY_TASK_ID`` /
 ``SLURM_ARRAY_TASK_COUNT``, else torchrun's ``RANK`` / ``WORLD_SIZE``) each take every N-th
 input shard from the I-th, share nothing but the output folder, and skip the shards that are
 complete there: a dead worker's shards are simply run again.
 """
-import copy
+import dataclasses
+import glob
 import io
 import json
 import os
 import re
 import subprocess
 import tarfile
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..formats.shard import ShardWriter, is_complete
-from .manifest import OutputFolderError, package_versions, sha256_file
 from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, list_inputs, one_line
-from .job import _config_sha256, _local_weights
-from .model_call import BatchExtractor
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
 # The output folder's record of what makes its shards: every worker checks it before writing.
 SHARDS_MANIFEST = "shards.json"
+_GLOB = re.compile(r"[*?\[]")
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
@@ -101,6 +104,10 @@ def select_shards(shards: List, shard_index: Optional[int] = None, num_shards: O
     return shards[shard_index::num_shards], shard_index, num_shards
 
 
+class ShardLostError(OSError):
+    """An input shard that cannot be opened (missing, unreadable, a failing ``pipe:`` command)."""
+
+
 def _open(url):
     if url.startswith("pipe:"):
         process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
@@ -110,6 +117,24 @@ def _open(url):
     return fsspec.open(url, "rb").open()
 
 
+def open_tar(url: str) -> tarfile.TarFile:
+    """
+    The tar stream of shard ``url``, its first header read.
+
+    Raises:
+        ShardLostError: it cannot be opened, or holds no tar (one line).
+    """
+    try:
+        stream = _open(url)
+    except Exception as e:  # any fsspec filesystem fails its own way
+        raise ShardLostError(f"cannot open {url}: {one_line(e)}")
+    try:
+        return tarfile.open(fileobj=stream, mode="r|*")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        stream.close()
+        raise ShardLostError(f"cannot read {url} as a tar: {one_line(e)}")
+
+
 def _split(name):
     """``"d/000420001.jpg"`` -> ``("d/000420001", "jpg")`` (webdataset's grouping)."""
     folder, base = os.path.split(name)
@@ -117,14 +142,15 @@ def _split(name):
     return (os.path.join(folder, stem) if folder else stem), ext.lower()
 
 
-def iter_samples(url: str) -> Iterator[Dict]:
+def iter_samples(tar: tarfile.TarFile) -> Iterator[Dict]:
     """
-    The samples of a tar shard, streamed: dicts of ``"__key__"`` and each member's extension
-    -> bytes. A tar that breaks ends the stream with ``{"__key__", "__member__", "__error__"}``.
+    The samples of an open tar stream (:func:`open_tar`): dicts of ``"__key__"`` and each
+    member's extension -> bytes. A tar that breaks ends the stream with ``{"__key__",
+    "__member__", "__error__"}``.
     """
     sample, member = None, None
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tar:
             for info in tar:
                 member = info.name
                 if not info.isfile():
@@ -147,60 +173,6 @@ def iter_samples(url: str) -> Iterator[Dict]:
         return
     if sample is not None:
         yield sample
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
-
-
-def cpu_copy(extractor):
-    """A copy of a :class:`BatchExtractor` whose model runs on the CPU (float32)."""
-    cpu = copy.copy(extractor)
-    cpu.model = copy.deepcopy(extractor.model).to("cpu")
-    cpu.autocast = torch.autocast("cpu", enabled=False)
-    return cpu
-
-
-class OutOfMemoryFallback:
-    """
-    Runs an extractor over a batch; on a CUDA out-of-memory error frees the cache and runs each
-    image alone, and an image that still runs out on CPU (``make_cpu(extractor)``, made once).
-    ``log(image_id, reason)`` gets each retry and final failure; a failed image gives ``None``.
-    """
-
-    def __init__(self, extractor, make_cpu=cpu_copy):
-        self.extractor, self.make_cpu, self._cpu = extractor, make_cpu, None
-
-    def __call__(self, inputs: List[Dict], log) -> List[Optional[Dict]]:
-        try:
-            return self.extractor(inputs)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            if len(inputs) > 1:
-                for x in inputs:
-                    log(x["item"].image_id, f"retry alone: {one_line(e)}")
-        self._free()
-        return [self._alone(x, log) for x in inputs]
-
-    def _free(self):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _alone(self, x, log):
-        """``x``'s record, alone on the extractor's device, then on CPU; None if both run out."""
-        for where, on_failure in ((self.extractor, "retry on CPU"), (None, "failed: out of memory on CPU too")):
-            if where is None:
-                where = self._cpu = self._cpu or self.make_cpu(self.extractor)
-            try:
-                return where([x])[0]
-            except Exception as e:
-                if not is_out_of_memory(e):
-                    raise
-                log(x["item"].image_id, f"{on_failure}: {one_line(e)}")
-            self._free()
-        return None
 
 
 def _sample_id(sample, id_field):
@@ -242,169 +214,126 @@ class _Member(io.BytesIO):
         return repr(self.name)
 
 
-def tar_units(url: str, id_field: Optional[str] = None) -> Iterator[Dict]:
+@dataclass(frozen=True)
+class ShardItem(ImageItem):
+    """An image of an input shard: ``path`` is its member; ``key`` names its output member."""
+
+    shard: str = ""
+    key: str = ""
+    carried: Dict = field(default_factory=dict)
+    data: Optional[bytes] = None
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One input shard: a tar (``url``) or a run of listed images (``items``)."""
+
+    name: str
+    url: Optional[str] = None
+    items: Tuple[ImageItem, ...] = ()
+
+
+def tar_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[ShardItem]:
     """
-    The inputs of a tar shard as units ``{"id", "member", "key", "image" (a binary file),
-    "carried"}``, or ``{"id", "member", "error"}`` for those that cannot be extracted.
+    The images of a tar shard; those that cannot be extracted carry an ``error``.
+
+    Raises:
+        ShardLostError: the shard cannot be opened.
     """
-    for sample in iter_samples(url):
+    for sample in iter_samples(open_tar(shard.url)):
         key = sample["__key__"]
         if "__error__" in sample:
-            yield {"id": key, "member": sample["__member__"], "error": sample["__error__"]}
+            yield ShardItem(key, sample["__member__"], sample["__error__"], shard.name, key)
             continue
         ext = _image_member(sample)
         try:
             image_id = _sample_id(sample, id_field)
         except ValueError as e:
-            yield {"id": None, "member": f"{key}.json", "error": str(e)}
+            yield ShardItem(None, f"{key}.json", str(e), shard.name, key)
             continue
         if ext is None:
-            yield {"id": image_id, "member": key, "error": "sample has no image member"}
+            yield ShardItem(image_id, key, "sample has no image member", shard.name, key)
             continue
-        yield {
-            "id": image_id, "member": f"{key}.{ext}", "key": key,
-            "image": _Member(sample[ext], f"{key}.{ext}"), "carried": _carried(sample),
-        }
+        yield ShardItem(image_id, f"{key}.{ext}", None, shard.name, key, _carried(sample), sample[ext])
 
 
-def list_units(items: List[ImageItem]) -> Iterator[Dict]:
-    """Units (see :func:`tar_units`) of listed image files."""
-    for item in items:
-        if item.error:
-            yield {"id": item.image_id, "member": item.path, "error": item.error}
-        else:
-            yield {"id": item.image_id, "member": item.path, "key": item.image_id, "image": item.path,
-                   "carried": {}}
+def shard_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[ShardItem]:
+    """The images of an input shard (see :func:`tar_items`), listed ones keyed by their id."""
+    if shard.url is not None:
+        return tar_items(shard, id_field)
+    return (ShardItem(i.image_id, i.path, i.error, shard.name, i.image_id) for i in shard.items)
+
+
+def _expand(source: str) -> List[str]:
+    """The tar URLs of ``source``: its braces expanded, and local globs matched (sorted)."""
+    urls = []
+    for url in expand_braces(source):
+        if "://" in url or url.startswith("pipe:") or not _GLOB.search(url):
+            urls.append(url)
+            continue
+        matched = sorted(glob.glob(url))
+        if not matched:
+            raise InputError(f"--input {source!r}: no file matches {url}")
+        urls += matched
+    return urls
 
 
 def plan_shards(source: str, shard_size: int = 0, image_root=None, id_mode=None,
-                id_field=None) -> List[Tuple[str, object]]:
+                limit: int = 0) -> List[InputShard]:
     """
-    The input shards of ``source`` as ``(output name, units factory)``: one per tar of a shard
-    source; else the listed images in shards of ``shard_size`` named ``00000``, ``00001``, ...
+    The input shards of ``source``: one per tar of a shard source; else the listed images (the
+    first ``limit``) in shards of ``shard_size`` named ``00000``, ``00001``, ...
     """
     if is_shard_source(source):
-        urls = [source] if source.startswith("pipe:") else expand_braces(source)
+        urls = [source] if source.startswith("pipe:") else _expand(source)
         names = [shard_name(u) for u in urls]
         if len(set(names)) != len(names):
             raise InputError(f"--input {source!r}: two shards have the same file name")
-        return [(name, (lambda u=url: tar_units(u, id_field))) for name, url in zip(names, urls)]
+        return [InputShard(name, url) for name, url in zip(names, urls)]
     if shard_size < 1:
         raise InputError("--shard-size N must be >= 1 for an input that is not tar shards")
-    items = list_inputs(source, image_root, 0, id_mode)
-    chunks = [items[i: i + shard_size] for i in range(0, len(items), shard_size)]
-    return [(f"{n:05d}", (lambda c=chunk: list_units(c))) for n, chunk in enumerate(chunks)]
+    items = list_inputs(source, image_root, limit, id_mode)
+    return [InputShard(f"{n // shard_size:05d}", items=tuple(items[n: n + shard_size]))
+            for n in range(0, len(items), shard_size)]
 
 
-def _batches(units, size):
-    batch = []
-    for unit in units:
-        batch.append(unit)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def extract_shard(name: str, units, output_dir: str, run, cfg, batch_size: int = 4) -> Dict:
+class ShardDataset(torch.utils.data.IterableDataset):
     """
-    Extract one input shard's ``units`` into output shard ``name`` (written atomically).
-
-    Args:
-        run: an :class:`OutOfMemoryFallback` (over a :class:`BatchExtractor`).
-
-    Returns:
-        counts ``{"done", "failed"}``.
+    The batches of input shards for the run's loop, each DataLoader worker reading whole
+    shards (every ``num_workers``-th): lists of :class:`ImageDataset` entries of one shard (its
+    item a :class:`ShardItem`), the last of a shard ending with ``{"end": shard name, "member":
+    its URL, "lost": None, or why it could not be opened}``. A tar shard gives at most its first ``limit``
+    samples (0: all); an id that an earlier sample of the shard has is an error.
     """
-    writer = ShardWriter(output_dir, name)
-    seen = set()
-    try:
-        for batch in _batches(units, batch_size):
-            good = []
-            for unit in batch:
-                if "error" in unit:
-                    writer.fail(unit["id"], unit["member"], unit["error"])
-                elif unit["id"] in seen:
-                    writer.fail(unit["id"], unit["member"], "an earlier sample of this shard has this id")
-                else:
-                    seen.add(unit["id"])
-                    good.append(unit)
-            dataset = ImageDataset(
-                [ImageItem(u["id"], u["image"]) for u in good],
-                cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST,
-            )
-            decoded = [dataset[i] for i in range(len(good))]
-            ready = [(u, x) for u, x in zip(good, decoded) if "error" not in x]
-            for u, x in zip(good, decoded):
-                if "error" in x:
-                    writer.fail(u["id"], u["member"], x["error"])
-            members = {u["id"]: u["member"] for u in good}
-            records = run([x for _, x in ready], lambda i, reason: writer.fail(i, members[i], reason))
-            for (unit, _), record in zip(ready, records):
-                if record is not None:
-                    writer.add(record, unit["key"], unit["carried"])
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    return {"done": len(writer.index), "failed": len({f["member"] for f in writer.failures
-                                                       if not f["reason"].startswith("retry")})}
 
+    def __init__(self, shards: List[InputShard], images: ImageDataset, batch_size: int,
+                 id_field: Optional[str] = None, limit: int = 0):
+        self.shards, self.images, self.batch_size = shards, images, batch_size
+        self.id_field, self.limit = id_field, limit
 
-def claim_shard_folder(output_dir: str, identity: Dict):
-    """
-    Write ``identity`` (what decides the shards' content) as the folder's ``shards.json`` if it
-    has none (atomically, so one of racing workers does), else check it is the same.
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        mine = self.shards[worker.id::worker.num_workers] if worker else self.shards
+        for shard in mine:
+            yield from self._batches(shard)
 
-    Raises:
-        OutputFolderError: the folder's shards were made with other settings.
-    """
-    path = os.path.join(output_dir, SHARDS_MANIFEST)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(dict(identity, versions=package_versions()), f, indent=2, sort_keys=True)
-    try:
-        os.link(temporary, path)  # fails if it exists: no worker overwrites another's
-    except FileExistsError:
-        with open(path) as f:
-            existing = json.load(f)
-        changed = [key for key in identity if existing.get(key) != identity[key]]
-        if changed:
-            raise OutputFolderError(
-                f"{output_dir} holds shards made with other {', '.join(changed)}: use another --output"
-            )
-    finally:
-        os.remove(temporary)
-
-
-def extract_shards(cfg, source: str, output_dir: str, shard_index=None, num_shards=None,
-                   shard_size: int = 0, image_root=None, id_mode=None, id_field=None,
-                   batch_size: int = 4, fp16=False, amp=False, extractor=None) -> Dict:
-    """
-    This worker's input shards of ``source`` (see :func:`select_shards`), each extracted to its
-    output shard unless already complete in ``output_dir``.
-
-    Returns:
-        counts ``{"shards", "skipped", "done", "failed"}``.
-    """
-    shards, shard_index, num_shards = select_shards(
-        plan_shards(source, shard_size, image_root, id_mode, id_field), shard_index, num_shards
-    )
-    os.makedirs(output_dir, exist_ok=True)
-    claim_shard_folder(output_dir, {
-        "config_sha256": _config_sha256(cfg), "weights_sha256": sha256_file(_local_weights(cfg)),
-        "fp16": bool(fp16), "amp": bool(amp), "id_field": id_field, "id": id_mode, "shard_size": shard_size,
-    })
-    todo = [(name, units) for name, units in shards if not is_complete(output_dir, name)]
-    counts = {"shards": len(shards), "skipped": len(shards) - len(todo), "done": 0, "failed": 0}
-    if not todo:
-        return counts
-    if extractor is None:
-        extractor = BatchExtractor(cfg, fp16, amp)
-    run = OutOfMemoryFallback(extractor)
-    for name, units in todo:
-        shard_counts = extract_shard(name, units(), output_dir, run, cfg, batch_size)
-        counts["done"] += shard_counts["done"]
-        counts["failed"] += shard_counts["failed"]
-    return counts
+    def _batches(self, shard):
+        batch, seen, lost = [], set(), None
+        try:
+            for n, item in enumerate(shard_items(shard, self.id_field)):
+                if self.limit and shard.url is not None and n == self.limit:
+                    break
+                if item.image_id in seen and not item.error:
+                    item = ShardItem(item.image_id, item.path, "an earlier sample of this shard has this id",
+                                     item.shard, item.key)
+                seen.add(item.image_id)
+                image = None if item.data is None else _Member(item.data, item.path)
+                entry = self.images.decode(item, image)
+                entry["item"] = dataclasses.replace(item, data=None)  # its bytes stay in the worker
+                batch.append(entry)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+        except ShardLostError as e:
+            batch, lost = [], str(e)
+        yield batch + [{"end": shard.name, "member": shard.url or shard.name, "lost": lost}]

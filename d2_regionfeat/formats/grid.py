@@ -1,42 +1,27 @@
 """
-``grid_npz``: our own per-image npz files of grid features, and the grid record.
-
-A grid record (what the grid layouts are written from and read back into) is a dict:
-
-==================  ======================  ==============================================
-key                 value                   meaning
-==================  ======================  ==============================================
-``image_id``        str                     the image's id
-``image_h``         int                     original image height
-``image_w``         int                     original image width
-``grid``            (C, H, W) float32/16    the output dict's ``grid["features"]``
-                                            (float16 with ``--fp16``)
-``grid_size``       (2,) int64              (h, w): model-input pixels the cells cover
-``grid_stride``     (2,) float32            (sy, sx): model-input pixels per cell
-==================  ======================  ==============================================
+``grid_npz``: our own per-image npz files of grid features, and the grid record (what the
+grid layouts are written from and read back into: :data:`.records.GRID_SPEC`).
 """
 import os
 
 import numpy as np
 
 from .base import PerImageFilesWriter, register_format
-from .records import encode_npz, from_npz
+from .records import GRID_KEYS, GRID_SPEC, encode_npz, from_npz, image_record
 
-GRID_KEYS = ("image_id", "image_h", "image_w", "grid", "grid_size", "grid_stride")
 GRID_NEEDS = {"grid": "the grid: MODEL.REGION_FEATURES.GRID.ENABLED True (see configs/grid/)"}
 
 
 def grid_record(image_id: str, height: int, width: int, grid: dict, fp16: bool = False) -> dict:
     """The grid record of an image from its output dict's ``"grid"`` entry."""
-    features = grid["features"].detach().float().cpu().numpy()  # bfloat16 (--amp) has no numpy type
-    return {
-        "image_id": image_id,
-        "image_h": int(height),
-        "image_w": int(width),
-        "grid": features.astype(np.float16 if fp16 else np.float32),
-        "grid_size": np.array(grid["image_size"], dtype=np.int64),
-        "grid_stride": np.array(grid["stride"], dtype=np.float32),
-    }
+    record = image_record(image_id, height, width)
+    for key in GRID_SPEC:
+        if key.source is not None:
+            value = grid[key.source]
+            if hasattr(value, "detach"):  # a tensor; bfloat16 (--amp) has no numpy type
+                value = value.detach().float().cpu().numpy()
+            record[key.name] = np.asarray(value).astype(key.numpy_dtype(fp16))
+    return record
 
 
 @register_format("grid_npz")

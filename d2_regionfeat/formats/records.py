@@ -1,57 +1,101 @@
 """
-The per-image record that every layout is written from and read back into.
+The per-image records that every layout is written from and read back into, stated once in
+:data:`REGION_SPEC` (regions) and :data:`GRID_SPEC` (the grid): each key, the field of the
+model's output it comes from, its dtype, shape and meaning (N regions, D feature size, K
+classes, A attributes, L VinVL attributes per region). The key lists that writers, readers,
+the model call and the conversion use are derived from them.
 
-A record is a dict (N regions, D feature size, K classes, A attributes):
-
-=================  =======================  ===============================================
-key                value                    meaning
-=================  =======================  ===============================================
-``image_id``       str                      the image's id (see :mod:`d2_regionfeat.extraction.inputs`)
-``image_h``        int                      original image height (after EXIF orientation)
-``image_w``        int                      original image width
-``num_bbox``       int                      N
-``x``              (N, D) float32/float16   region features (float16 with ``--fp16``)
-``bbox``           (N, 4) float32           x1, y1, x2, y2 in original image pixels
-``objects_id``     (N,) int64               predicted class (0-based, background excluded)
-``objects_conf``   (N,) float32             its score
-``cls_prob``       (N, K+1) float32         class probabilities, background last; only when
-                                            the model gives them (region_outputs(model)
-                                            .class_probs: every selection but
-                                            "detections", which needs CLASS_PROBS)
-``attrs_id``       (N,) int64               best attribute (0-based); only with the
-                                            attribute head
-``attrs_conf``     (N,) float32             its probability; only with the attribute head
-``attr_prob``      (N, A+1) float32         attribute probabilities, "no attribute" last;
-                                            only with the attribute head
-``attr_labels``    (N, L) int64             VinVL's attribute head (KIND "vinvl"): attribute
-                                            ids (0-based), descending, padded with -1
-``attr_scores``    (N, L) float32           their probabilities, padded with 0
-=================  =======================  ===============================================
-
-Layouts of other codebases hold only part of it; what they read back is a record with the
-keys they hold.
+Layouts of other codebases hold only part of a record; what they read back is a record with
+the keys they hold.
 """
 import base64
 import io
 import re
 import zipfile
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-# Record keys, in the order npz files (and lmdb values) store them when present: the
-# per-image scalars first, then the per-region arrays.
-RECORD_KEYS = (
-    "image_id", "image_h", "image_w", "num_bbox", "x", "bbox",
-    "objects_id", "objects_conf", "cls_prob", "attrs_id", "attrs_conf", "attr_prob",
-    "attr_labels", "attr_scores",
+
+@dataclass(frozen=True)
+class RecordKey:
+    """
+    One key of a record.
+
+    Attributes:
+        name: the key.
+        dtype: its numpy dtype ("str" and "int": a Python scalar).
+        shape: its shape ("" for a scalar).
+        source: what it is made from: a field of the output ``Instances`` (regions), a key of
+            the output's ``"grid"`` dict (grid); None for a key of the image.
+        when: which models emit it: "always", or a :class:`~d2_regionfeat.modeling.outputs.
+            RegionOutputs` property ("class_probs", "butd_attributes", "vinvl_attributes").
+        fp16: stored as float16 with ``--fp16``.
+        meaning: what it holds.
+    """
+
+    name: str
+    dtype: str
+    shape: str
+    source: Optional[str]
+    meaning: str
+    when: str = "always"
+    fp16: bool = False
+
+    def numpy_dtype(self, fp16: bool = False):
+        return np.float16 if fp16 and self.fp16 else np.dtype(self.dtype)
+
+
+_IMAGE_SPEC = (
+    RecordKey("image_id", "str", "", None, "the image's id (see d2_regionfeat.extraction.inputs)"),
+    RecordKey("image_h", "int", "", None, "original image height (after EXIF orientation)"),
+    RecordKey("image_w", "int", "", None, "original image width"),
 )
-PER_IMAGE_KEYS = RECORD_KEYS[:4]
-PER_REGION_KEYS = RECORD_KEYS[4:]
-SCALAR_KEYS = ("image_h", "image_w", "num_bbox")
+# Region records, in the order npz files (and lmdb values) store their keys when present:
+# the per-image scalars first, then the per-region arrays.
+REGION_SPEC: Tuple[RecordKey, ...] = _IMAGE_SPEC + (
+    RecordKey("num_bbox", "int", "", None, "N"),
+    RecordKey("x", "float32", "(N, D)", "box_features", "region features (float16 with --fp16)", fp16=True),
+    RecordKey("bbox", "float32", "(N, 4)", "pred_boxes", "x1, y1, x2, y2 in original image pixels"),
+    RecordKey("objects_id", "int64", "(N,)", "pred_classes", "predicted class (0-based, background excluded)"),
+    RecordKey("objects_conf", "float32", "(N,)", "scores", "its score"),
+    RecordKey("cls_prob", "float32", "(N, K+1)", "class_probs",
+              "class probabilities, background last (every selection but detections without CLASS_PROBS)",
+              when="class_probs"),
+    RecordKey("attrs_id", "int64", "(N,)", "attrs_id", "best attribute (0-based)", when="butd_attributes"),
+    RecordKey("attrs_conf", "float32", "(N,)", "attrs_conf", "its probability", when="butd_attributes"),
+    RecordKey("attr_prob", "float32", "(N, A+1)", "attr_probs", "attribute probabilities, no attribute last",
+              when="butd_attributes"),
+    RecordKey("attr_labels", "int64", "(N, L)", "attr_labels",
+              "VinVL's attribute head: attribute ids (0-based), descending, padded with -1",
+              when="vinvl_attributes"),
+    RecordKey("attr_scores", "float32", "(N, L)", "attr_scores", "their probabilities, padded with 0",
+              when="vinvl_attributes"),
+)
+# Grid records: the image's keys, then the output dict's "grid" entry.
+GRID_SPEC: Tuple[RecordKey, ...] = _IMAGE_SPEC + (
+    RecordKey("grid", "float32", "(C, H, W)", "features", "the grid feature map (float16 with --fp16)", fp16=True),
+    RecordKey("grid_size", "int64", "(2,)", "image_size", "(h, w): model-input pixels the cells cover"),
+    RecordKey("grid_stride", "float32", "(2,)", "stride", "(sy, sx): model-input pixels per cell"),
+)
+
+RECORD_KEYS = tuple(k.name for k in REGION_SPEC)
+GRID_KEYS = tuple(k.name for k in GRID_SPEC)
+PER_IMAGE_KEYS = tuple(k.name for k in REGION_SPEC if k.shape == "")
+PER_REGION_KEYS = tuple(k.name for k in REGION_SPEC if k.shape != "")
+SCALAR_KEYS = tuple(k.name for k in REGION_SPEC if k.dtype == "int")
+# What every region record holds, and every grid record (besides the image id).
+REQUIRED_KEYS = tuple(k.name for k in REGION_SPEC if k.when == "always" and k.name != "image_id")
+GRID_REQUIRED_KEYS = GRID_KEYS[1:]
 # A fixed timestamp makes the same record always encode to the same bytes.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
+
+
+def image_record(image_id: str, height: int, width: int) -> Dict:
+    """The image's keys of a record (region or grid)."""
+    return {"image_id": image_id, "image_h": int(height), "image_w": int(width)}
 
 
 class LayoutIdError(ValueError):

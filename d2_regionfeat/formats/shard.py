@@ -6,8 +6,11 @@ index, one line per member in tar order::
     {"id": ..., "member": "<key>.npz", "offset": byte offset of the member's data in the tar,
      "size": its length, "num_bbox": N, "image_h": H, "image_w": W, "json": {...}, "txt": "..."}
 
-(``json`` and ``txt``: what the input sample carried, when it did), and ``<name>.failures.jsonl``,
-the shard's inputs that gave no record (``{"id", "shard", "member", "reason"}``).
+(``json`` and ``txt``: what the input sample carried, when it did; ``num_bbox`` only for a
+record with regions), and ``<name>.failures.jsonl``, the shard's inputs that gave no record
+(``{"id", "shard", "member", "reason"}``). A member holds every key of the record, grid ones
+too. An input shard that could not be read at all leaves only its failures (no index), so it
+is not complete.
 
 A shard is written under temporary names and renamed into place, its index last: a shard whose
 index exists is complete; anything else of that name is an unfinished one, removed and redone.
@@ -20,7 +23,10 @@ import os
 import tarfile
 from typing import Dict, Iterator, List, Optional
 
-from .records import decode_npz, encode_npz
+from .records import GRID_KEYS, RECORD_KEYS, decode_npz, encode_npz
+
+# What a member holds of a record: its region keys, then the grid ones.
+MEMBER_KEYS = RECORD_KEYS + tuple(k for k in GRID_KEYS if k not in RECORD_KEYS)
 
 TAR_SUFFIX = ".tar"
 INDEX_SUFFIX = ".jsonl"
@@ -68,7 +74,7 @@ class ShardWriter:
 
     def add(self, record: Dict, member_key: str, carried: Optional[Dict] = None):
         """Append ``record`` as member ``<member_key>.npz``; ``carried``: metadata for its index line."""
-        data = encode_npz(record)
+        data = encode_npz(record, MEMBER_KEYS)
         info = tarfile.TarInfo(member_key + ".npz")
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         # a ustar header is one block: the data starts right after it
@@ -76,14 +82,16 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
         entry = {
             "id": record["image_id"], "member": info.name, "offset": offset, "size": len(data),
-            "num_bbox": int(record["num_bbox"]), "image_h": int(record["image_h"]),
-            "image_w": int(record["image_w"]),
+            "image_h": int(record["image_h"]), "image_w": int(record["image_w"]),
         }
+        if "num_bbox" in record:
+            entry["num_bbox"] = int(record["num_bbox"])
         entry.update(carried or {})
         self.index.append(entry)
 
-    def fail(self, image_id: Optional[str], member: str, reason: str):
-        self.failures.append({"id": image_id, "shard": self.name, "member": member, "reason": reason})
+    def fail(self, entry: Dict):
+        """Record an input of the shard that gave no record (a failure entry of the run)."""
+        self.failures.append(entry)
 
     def close(self):
         """Finish the tar, then rename tar, failures and (last) index into place."""
@@ -101,6 +109,12 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         os.remove(self.paths["tar"] + _PARTIAL)
+
+    def lose(self, entry: Dict):
+        """Drop the shard, leaving only ``entry`` (why its input could not be read) as its failures."""
+        self.abort()
+        _write_lines(self.paths["failures"] + _PARTIAL, [entry])
+        os.replace(self.paths["failures"] + _PARTIAL, self.paths["failures"])
 
 
 def read_lines(path: str) -> List[Dict]:
@@ -153,4 +167,11 @@ class ShardFolder:
                     yield decode_npz(tar.extractfile(member).read())
 
     def failures(self) -> List[Dict]:
+        """The failures of the complete shards."""
         return [row for name in self.names for row in read_lines(shard_paths(self.folder, name)["failures"])]
+
+    def lost(self) -> List[Dict]:
+        """Why each input shard that could not be read has no output shard (retried by the next run)."""
+        names = sorted(f[: -len(FAILURES_SUFFIX)] for f in os.listdir(self.folder) if f.endswith(FAILURES_SUFFIX))
+        return [row for name in names if name not in self.names
+                for row in read_lines(shard_paths(self.folder, name)["failures"])]

@@ -174,7 +174,7 @@ def _add_vinvl_keys(cfg):
     # clipped.json; label_to_idx / attribute_to_idx, 1-based): its names become thing_classes /
     # attribute_classes of DATASETS.TEST's metadata when the model is built. "" = none.
     node.LABELMAP = ""
-    # The test resize (d2_regionfeat.modeling.vinvl.build_test_resize): "round" = detectron2's
+    # The test resize (d2_regionfeat.data.build_test_transform): "round" = detectron2's
     # ResizeShortestEdge (both sides int(x + 0.5)); "truncate" = maskrcnn-benchmark's Resize
     # (long side int(short * long / short_side), truncated; e.g. 500x333 -> 900x600, not 901).
     cfg.INPUT.RESIZE_LONG_SIDE = "round"

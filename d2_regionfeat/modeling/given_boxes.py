@@ -7,6 +7,8 @@ import torch
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Boxes, Instances
 
+from ..data.transforms import build_test_transform
+
 
 def regions_for_boxes(model, batched_inputs: List[dict], boxes: List) -> List[Instances]:
     """
@@ -48,8 +50,14 @@ class RegionPredictor(DefaultPredictor):
     """
     :class:`DefaultPredictor` that also takes boxes: ``predictor(image)`` is detectron2's,
     ``predictor(image, boxes)`` describes the given (N, 4) boxes (original image pixels)
-    as :func:`regions_for_boxes` does, without running the RPN.
+    as :func:`regions_for_boxes` does, without running the RPN. Both resize as the config says
+    (:func:`d2_regionfeat.data.build_test_transform`: VinVL's truncating resize where
+    ``INPUT.RESIZE_LONG_SIDE`` is "truncate").
     """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.aug = build_test_transform(cfg)
 
     def __call__(self, original_image: np.ndarray, boxes: Optional[np.ndarray] = None):
         """

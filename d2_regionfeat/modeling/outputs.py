@@ -85,16 +85,26 @@ class RegionOutputs:
     def attributes(self) -> bool:
         return self.num_attributes > 0
 
+    @property
+    def butd_attributes(self) -> bool:
+        """``attr_probs``, ``attrs_id`` and ``attrs_conf`` are there."""
+        return self.attributes and self.attribute_kind != "vinvl"
+
+    @property
+    def vinvl_attributes(self) -> bool:
+        """``attr_labels`` and ``attr_scores`` are there."""
+        return self.attributes and self.attribute_kind == "vinvl"
+
     def instance_fields(self) -> Dict[str, str]:
         """Field name -> its shape, of every region field the model adds."""
         d = "D" if self.feature_dim is None else str(self.feature_dim)
         fields = {"box_features": f"(M, {d})", "proposal_index": "(M,)"}
         if self.class_probs:
             fields["class_probs"] = f"(M, {self.num_classes + 1})"
-        if self.attributes and self.attribute_kind == "vinvl":
+        if self.vinvl_attributes:
             shape = f"(M, {self.max_attributes})"
             fields.update(attr_labels=shape, attr_scores=shape)
-        elif self.attributes:
+        elif self.butd_attributes:
             fields.update(
                 attr_probs=f"(M, {self.num_attributes + 1})", attrs_id="(M,)", attrs_conf="(M,)"
             )

@@ -15,8 +15,8 @@ here changes a stock part:
 * :class:`VinVLOutputLayers` (``REGION_FEATURES.PREDICTOR``): the legacy box coder in the box
   predictor, and VinVL's attribute head (``ROI_ATTRIBUTE_HEAD.KIND: "vinvl"``, see
   :func:`d2_regionfeat.modeling.attributes.vinvl_attribute_fields`);
-* :class:`VinVLResize` (``INPUT.RESIZE_LONG_SIDE: "truncate"``, :func:`build_test_resize`):
-  the long side truncated, not rounded;
+* the test resize with the long side truncated, not rounded (``INPUT.RESIZE_LONG_SIDE:
+  "truncate"``), is on the input side: :class:`d2_regionfeat.data.transforms.VinVLResize`;
 * :class:`VinVLRCNN` (``META_ARCHITECTURE``): output boxes only rescaled to the original
   image, never clipped nor dropped when empty (``MODEL.VINVL.KEEP_EMPTY_BOXES``).
 
@@ -25,10 +25,10 @@ background first in the class rows is the checkpoint conversion's business
 (:mod:`d2_regionfeat.modeling.ports.vinvl`).
 """
 import json
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
@@ -42,6 +42,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.file_io import PathManager
 
+from ..data.transforms import build_test_transform
 from .attributes import vinvl_attribute_fields
 from .checkpoint import register_checkpoint_conversion
 from .config import vinvl_node
@@ -256,42 +257,6 @@ class VinVLOutputLayers(FeatureFastRCNNOutputLayers):
         return super().predict_attr_probs(predictions)
 
 
-def vinvl_resize_shape(height, width, short, max_size):
-    """maskrcnn-benchmark's ``Resize.get_size``: (new height, new width), long side truncated."""
-    small, large = float(min(height, width)), float(max(height, width))
-    if large / small * short > max_size:
-        short = int(round(max_size * small / large))
-    if min(height, width) == short:
-        return height, width
-    if width < height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
-
-
-class VinVLResize(T.Augmentation):
-    """Resize as maskrcnn-benchmark's test transform (see :func:`vinvl_resize_shape`)."""
-
-    def __init__(self, short_edge_length, max_size, interp=Image.BILINEAR):
-        super().__init__()
-        self._init(locals())
-
-    def get_transform(self, image):
-        h, w = image.shape[:2]
-        new_h, new_w = vinvl_resize_shape(h, w, self.short_edge_length, self.max_size)
-        return T.ResizeTransform(h, w, new_h, new_w, self.interp)
-
-
-def build_test_resize(cfg):
-    """The test resize ``INPUT.RESIZE_LONG_SIDE`` asks for: detectron2's ("round") or VinVL's."""
-    short, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-    rule = cfg.INPUT.RESIZE_LONG_SIDE
-    if rule == "round":
-        return T.ResizeShortestEdge([short, short], max_size)
-    if rule == "truncate":
-        return VinVLResize(short, max_size)
-    raise ValueError(f'INPUT.RESIZE_LONG_SIDE must be "round" or "truncate"; got {rule!r}')
-
-
 def rescale_boxes(instances, height, width):
     """``BoxList.resize``: ``instances`` with ``pred_boxes`` scaled to (height, width), no clip."""
     out = Instances((height, width), **instances.get_fields())
@@ -358,13 +323,19 @@ class VinVLRCNN(RegionFeatureRCNN):
     * output boxes rescaled to the original size only (``MODEL.VINVL.KEEP_EMPTY_BOXES``),
       not clipped, and regions of zero width or height kept;
     * the names of ``MODEL.VINVL.LABELMAP`` in ``DATASETS.TEST``'s metadata
-      (:func:`register_labelmap`).
+      (:func:`register_labelmap`);
+    * a warning, once, when an input was not resized by ``test_resize`` (the config's
+      :func:`~d2_regionfeat.data.build_test_transform`): detectron2's ``DefaultPredictor``
+      builds its own rounding resize, which gives a long side one pixel off VinVL's
+      truncating one for many sizes, and no hook of it lets the config's reach it.
     """
 
     @configurable
     def __init__(self, *, legacy_frozen_bn=True, keep_empty_boxes=True, attribute_head=None,
-                 **kwargs):
+                 test_resize=None, **kwargs):
         super().__init__(**kwargs)
+        self.test_resize = test_resize
+        self._resize_warned = False
         register_checkpoint_conversion(self)  # VinVL's checkpoint spans the whole model
         if legacy_frozen_bn:
             use_legacy_frozen_bn(self)
@@ -378,7 +349,8 @@ class VinVLRCNN(RegionFeatureRCNN):
         ret = super().from_config(cfg)
         node = vinvl_node(cfg)
         register_labelmap(cfg)
-        ret.update(legacy_frozen_bn=node.FROZEN_BN_NO_EPS, keep_empty_boxes=node.KEEP_EMPTY_BOXES)
+        ret.update(legacy_frozen_bn=node.FROZEN_BN_NO_EPS, keep_empty_boxes=node.KEEP_EMPTY_BOXES,
+                   test_resize=build_test_transform(cfg))
         attributes = cfg.MODEL.ROI_ATTRIBUTE_HEAD
         if cfg.MODEL.ATTRIBUTE_ON and attributes.KIND == "vinvl":
             ret["attribute_head"] = (attributes.SCORE_THRESH, attributes.MAX_PER_REGION)
@@ -404,7 +376,27 @@ class VinVLRCNN(RegionFeatureRCNN):
             ).items():
                 x.set(name, value)
 
+    def _check_resize(self, batched_inputs):
+        """Warn once about an input whose size is not what ``test_resize`` makes of its original."""
+        if self.test_resize is None or self._resize_warned:
+            return
+        for x in batched_inputs:
+            if "height" not in x or "width" not in x:
+                continue
+            resize = self.test_resize.get_transform(np.empty((x["height"], x["width"], 0), np.uint8))
+            expected, got = (resize.new_h, resize.new_w), tuple(x["image"].shape[-2:])
+            if got != expected:
+                self._resize_warned = True
+                warnings.warn(
+                    f"a {x['height']}x{x['width']} image came resized to {got[0]}x{got[1]}, not the "
+                    f"{expected[0]}x{expected[1]} of this config's test resize (INPUT.RESIZE_LONG_SIDE); "
+                    "DefaultPredictor resizes by rounding: use d2_regionfeat.modeling.given_boxes.RegionPredictor, or "
+                    "d2_regionfeat.data.build_test_transform(cfg), for the features VinVL gives"
+                )
+                return
+
     def inference(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        self._check_resize(batched_inputs)
         results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
         if not do_postprocess:
             return results
