@@ -4,7 +4,7 @@ config (:mod:`.config`), the Feature ROI heads (:mod:`.heads`) and box predictor
 (:mod:`.predictor`), what they emit (:mod:`.outputs`), per-image selection (:mod:`.selection`), the attribute head
 (:mod:`.attributes`), the backbones (:mod:`.backbone`), the meta-architecture
 (:mod:`.meta_arch`), the ports' checkpoint hook (:mod:`.checkpoint`), vocabulary files
-(:mod:`.vocabulary`), features of given boxes (:mod:`.given_boxes`) and the accounting of
+(:mod:`.vocabulary`), the legacy detectors' parts (:mod:`.vinvl`, :mod:`.buta`, :mod:`.legacy`), features of given boxes (:mod:`.given_boxes`) and the accounting of
 dropped detections (:mod:`.explain`).
 
 Importing it registers the heads, predictors, backbones and meta-architecture in detectron2's
@@ -21,6 +21,8 @@ from .outputs import RegionOutputs, region_outputs
 from .region_heads import region_feature_heads
 from . import vinvl  # noqa: F401  (registers VinVL's legacy parts)
 from .ports import vinvl as _vinvl_port  # noqa: F401  (registers its checkpoint conversion)
+from . import buta  # noqa: F401  (registers BUTA.pt's parts)
+from .ports import buta as _buta_port  # noqa: F401  (registers its checkpoint conversion)
 from .predictor import (
     ROI_BOX_PREDICTOR_REGISTRY,
     FeatureFastRCNNOutputLayers,

@@ -35,6 +35,8 @@ def add_regionfeat_config(cfg):
         _add_attribute_keys(cfg)
     if "VINVL" not in cfg.MODEL:
         _add_vinvl_keys(cfg)
+    if "BUTA" not in cfg.MODEL:
+        _add_buta_keys(cfg)
 
 
 def _add_region_features_node(cfg):
@@ -188,6 +190,33 @@ def _add_vinvl_keys(cfg):
     attributes.KIND = "butd"
     attributes.SCORE_THRESH = 0.05
     attributes.MAX_PER_REGION = 16
+
+
+def _add_buta_keys(cfg):
+    # The parts of MILVLG/bottom-up-attention.pytorch's caffe-mode detector (BUTA.pt) that
+    # differ from detectron2's (d2_regionfeat.modeling.buta, configs/BUTA/).
+    node = cfg.MODEL.BUTA = CN()
+    # Meta-architecture "BUTARCNN" at inference: the image, mean subtracted first (PIXEL_MEAN,
+    # PIXEL_STD), is resized as a float image (bilinear) by scale = TEST_SCALE / short side,
+    # or TEST_MAX_SIZE / long side when round(scale * long side) > TEST_MAX_SIZE (BUTA.pt's
+    # hard-coded TEST_SCALES (600,) and TEST_MAX_SIZE 1000). The input side must not resize:
+    # BUTA's configs set INPUT.MIN_SIZE_TEST 0.
+    node.TEST_SCALE = 600
+    node.TEST_MAX_SIZE = 1000
+    # Backbone "build_buta_preact_resnet_backbone" and ROI heads "BUTAPreActRes5ROIHeads"
+    # (BUTA.pt's RESNET_VERSION 2, its R152): eps of every batch norm.
+    node.BN_EPS = 2e-5
+
+
+def buta_node(cfg):
+    """Return ``cfg.MODEL.BUTA`` after checking its values (ValueError naming the key)."""
+    node = cfg.MODEL.BUTA
+    for key in ("TEST_SCALE", "TEST_MAX_SIZE"):
+        if node[key] < 1:
+            raise ValueError(f"MODEL.BUTA.{key} must be >= 1; got {node[key]}")
+    if node.BN_EPS <= 0:
+        raise ValueError(f"MODEL.BUTA.BN_EPS must be > 0; got {node.BN_EPS}")
+    return node
 
 
 def _check_choice(key, value, choices):

@@ -43,9 +43,13 @@ class RegionFeatureRCNN(GeneralizedRCNN):
             return [{} for _ in batched_inputs]  # the grid hook fills them
         if not hasattr(self.roi_heads, "output_shapes"):  # plain ROI heads (a grid beside detectron2's detections)
             return super().inference(batched_inputs, detected_instances, do_postprocess)
-        shapes = [
+        with self.roi_heads.output_shapes(self.output_shapes(batched_inputs)):
+            return super().inference(batched_inputs, detected_instances, do_postprocess)
+
+    def output_shapes(self, batched_inputs):
+        """Per input, the (height, width) of the original image that the network input's
+        coordinates map onto (what "butd" selection's NMS runs in)."""
+        return [
             (x.get("height", x["image"].shape[-2]), x.get("width", x["image"].shape[-1]))
             for x in batched_inputs
         ]
-        with self.roi_heads.output_shapes(shapes):
-            return super().inference(batched_inputs, detected_instances, do_postprocess)

@@ -8,7 +8,8 @@ here changes a stock part:
   eps (``MODEL.VINVL.FROZEN_BN_NO_EPS``, applied by :class:`VinVLRCNN`);
 * :class:`VinVLAnchorGenerator` (``ANCHOR_GENERATOR.NAME``): py-faster-rcnn's
   ``generate_anchors``, rounded sizes, +1 convention, centre 7.5 of a 16-px cell, ratio-major;
-* :class:`LegacyBox2BoxTransform`: widths ``x2 - x1 + 1``, ``x2 = cx + w / 2 - 1``;
+* :class:`~d2_regionfeat.modeling.legacy.LegacyBox2BoxTransform` (shared with BUTA.pt's
+  parts): widths ``x2 - x1 + 1``, ``x2 = cx + w / 2 - 1``;
 * :class:`VinVLRPN` (``PROPOSAL_GENERATOR.NAME``): the legacy box coder, top-k and NMS on the
   sigmoid probability, clipping to [0, W - 1] x [0, H - 1], the min-size filter with +1
   widths (keeps boxes clipped to zero width), NMS IoU ``MODEL.VINVL.NMS_IOU``;
@@ -36,7 +37,6 @@ from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, DefaultAnchorGenerator
-from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
@@ -46,6 +46,7 @@ from ..data.transforms import build_test_transform
 from .attributes import vinvl_attribute_fields
 from .checkpoint import register_checkpoint_conversion
 from .config import vinvl_node
+from .legacy import LegacyBox2BoxTransform, clip_legacy
 from .meta_arch import RegionFeatureRCNN
 from .predictor import ROI_BOX_PREDICTOR_REGISTRY, FeatureFastRCNNOutputLayers
 from .selection import vinvl_nms_mask
@@ -119,48 +120,6 @@ class VinVLAnchorGenerator(DefaultAnchorGenerator):
             legacy_cell_anchors(stride, s, a)
             for stride, s, a in zip(self._strides_for_cells, sizes, aspect_ratios)
         ])
-
-
-class LegacyBox2BoxTransform(Box2BoxTransform):
-    """maskrcnn-benchmark's ``BoxCoder``: :class:`Box2BoxTransform` with the +1 convention."""
-
-    def get_deltas(self, src_boxes, target_boxes):
-        """(N, 4), (N, 4) -> (N, 4) deltas (dx, dy, dw, dh), widths ``x2 - x1 + 1``."""
-        def centres(boxes):
-            widths = boxes[:, 2] - boxes[:, 0] + 1
-            heights = boxes[:, 3] - boxes[:, 1] + 1
-            return boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights, widths, heights
-
-        sx, sy, sw, sh = centres(src_boxes)
-        tx, ty, tw, th = centres(target_boxes)
-        wx, wy, ww, wh = self.weights
-        return torch.stack([wx * (tx - sx) / sw, wy * (ty - sy) / sh,
-                            ww * torch.log(tw / sw), wh * torch.log(th / sh)], dim=1)
-
-    def apply_deltas(self, deltas, boxes):
-        """(N, k*4) deltas on (N, 4) boxes -> (N, k*4), ``x2 = cx + w / 2 - 1``."""
-        deltas = deltas.float()
-        boxes = boxes.to(deltas.dtype)
-        widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
-        heights = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-        ctr_x = boxes[:, 0, None] + 0.5 * widths
-        ctr_y = boxes[:, 1, None] + 0.5 * heights
-        wx, wy, ww, wh = self.weights
-        dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
-        dw = (deltas[:, 2::4] / ww).clamp(max=self.scale_clamp)
-        dh = (deltas[:, 3::4] / wh).clamp(max=self.scale_clamp)
-        cx, cy = dx * widths + ctr_x, dy * heights + ctr_y
-        w, h = torch.exp(dw) * widths, torch.exp(dh) * heights
-        out = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1], dim=2)
-        return out.reshape(deltas.shape)
-
-
-def clip_legacy(boxes, image_size):
-    """(N, 4) boxes clamped to [0, W - 1] x [0, H - 1] (``BoxList.clip_to_image``)."""
-    height, width = image_size
-    x = boxes[:, 0::2].clamp(min=0, max=width - 1)
-    y = boxes[:, 1::2].clamp(min=0, max=height - 1)
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()

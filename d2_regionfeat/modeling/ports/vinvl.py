@@ -29,6 +29,7 @@ import re
 import torch
 
 from ..checkpoint import CHECKPOINT_CONVERSION_REGISTRY
+from ..legacy import check_cell_anchors
 
 _VINVL_PREFIXES = ("backbone.body.", "rpn.head.", "roi_heads.box.", "attribute.")
 _RPN = {"conv": "conv", "cls_logits": "objectness_logits", "bbox_pred": "anchor_deltas"}
@@ -94,12 +95,12 @@ def _check_side_keys(module, state_dict):
         del state_dict[key]
     anchors = state_dict.pop("rpn.anchor_generator.cell_anchors.0", None)
     if anchors is not None:
-        ours = next(iter(module.proposal_generator.anchor_generator.cell_anchors.buffers()))
-        if anchors.shape != ours.shape or not torch.equal(anchors.float().cpu(), ours.cpu()):
-            _fail(
-                "its rpn.anchor_generator.cell_anchors.0 differ from the model's: use "
-                'MODEL.ANCHOR_GENERATOR.NAME "VinVLAnchorGenerator" with VinVL\'s sizes and ratios'
-            )
+        error = check_cell_anchors(
+            module.proposal_generator.anchor_generator, anchors,
+            'use MODEL.ANCHOR_GENERATOR.NAME "VinVLAnchorGenerator" with VinVL\'s sizes and ratios',
+        )
+        if error:
+            _fail(f"rpn.anchor_generator: {error}")
 
 
 @CHECKPOINT_CONVERSION_REGISTRY.register()
