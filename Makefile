@@ -27,7 +27,7 @@ install: $(DEPS_STAMP)
 # again on other CPU kernel paths (tests/conftest.py): oneDNN off, 1 thread, no vector
 # kernels; oneDNN on, 2 threads, AVX2. A result that holds on this CPU only fails here.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 	D2RF_TEST_MKLDNN=0 D2RF_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m equality tests
 	D2RF_TEST_MKLDNN=1 D2RF_TEST_THREADS=2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m equality tests
 
