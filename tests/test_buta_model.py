@@ -14,6 +14,7 @@ import buta_network as net
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import assert_scaled_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTHS = (8, 32, 8)  # stem, res2 out, res2 bottleneck
@@ -140,11 +141,7 @@ def test_buta_checkpoint_into_another_model_is_an_error():
         model.load_state_dict(tamed_state_dict(1), strict=False)
 
 
-def close(actual, expected, rtol=1e-4):
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
+@pytest.mark.equality
 @torch.no_grad()
 def test_regions_equal_the_restatement(loaded):
     name, cfg, model, sd = loaded
@@ -171,19 +168,19 @@ def test_regions_equal_the_restatement(loaded):
             if by_score and len(candidates) > 1:
                 distance = (dets[candidates] - out.pred_boxes.tensor[i]).abs().max(dim=1).values
                 kept[i] = candidates[distance.argmin()]
-        close(out.pred_boxes.tensor, dets[kept])
-        close(out.box_features, ref["feats"][kept])
+        assert_scaled_close(out.pred_boxes.tensor, dets[kept])
+        assert_scaled_close(out.box_features, ref["feats"][kept])
         if not by_score or torch.equal(kept, ref["kept"]):
             assert torch.equal(out.pred_classes, ref["objects_id"])
-            close(out.scores, ref["objects_conf"])
+            assert_scaled_close(out.scores, ref["objects_conf"])
             assert torch.equal(out.attrs_id, ref["attrs_id"])
-            close(out.attrs_conf, ref["attrs_conf"])
+            assert_scaled_close(out.attrs_conf, ref["attrs_conf"])
         else:  # classes and attributes follow the features: checked on the untied rows
             same = kept == ref["kept"]
             assert torch.equal(out.pred_classes[same], ref["objects_id"][same])
-            close(out.scores[same], ref["objects_conf"][same])
+            assert_scaled_close(out.scores[same], ref["objects_conf"][same])
             assert torch.equal(out.attrs_id[same], ref["attrs_id"][same])
-            close(out.attrs_conf[same], ref["attrs_conf"][same])
+            assert_scaled_close(out.attrs_conf[same], ref["attrs_conf"][same])
 
 
 def test_input_rule_is_get_image_blobs():
@@ -194,4 +191,4 @@ def test_input_rule_is_get_image_blobs():
         scale = buta_input_scale(h, w, short, max_size)
         assert scale == net.image_scale(h, w, short, max_size)
         image = torch.randn(3, h, w, generator=g, dtype=torch.float64) * 50
-        close(resize_by_scale(image, scale), net.cv2_linear_resize(image, scale), rtol=1e-9)
+        assert_scaled_close(resize_by_scale(image, scale), net.cv2_linear_resize(image, scale), rel=1e-9)

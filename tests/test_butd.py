@@ -67,11 +67,6 @@ def model():
     return randomize(build_model(vg_cfg()).eval())
 
 
-def close(actual, expected, rtol=1e-4):
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
 def test_vg_config_builds_the_butd_architecture(model):
     cfg = vg_cfg()
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1600
@@ -98,11 +93,11 @@ def test_network_matches_independent_reimplementation(model, size):
     with torch.no_grad():
         feature = ref.res4(pixel, sd, 101)
         ours_feature = model.backbone(pixel[None])["res4"]
-        close(ours_feature, feature)
+        assert_scaled_close(ours_feature, feature)
         boxes = ref.proposals(feature, sd, (h, w), 6000, POST_NMS, 0.7)
         images = model.preprocess_image([{"image": img}])
         (ours_proposals,), _ = model.proposal_generator(images, {"res4": ours_feature})
-        close(ours_proposals.proposal_boxes.tensor, boxes)
+        assert_scaled_close(ours_proposals.proposal_boxes.tensor, boxes)
         expected = ref.head(feature, boxes, sd, 101)
 
         # Every proposal as a region (MIN_BOXES above the count): rows by proposal_index.
@@ -115,16 +110,16 @@ def test_network_matches_independent_reimplementation(model, size):
         res = out["instances"]
         assert len(res) == len(boxes) > 10
         idx = res.proposal_index
-        close(res.pred_boxes.tensor, boxes[idx])
-        close(res.box_features, expected["pool5"][idx])
-        close(res.class_probs, expected["class_probs"][idx])
-        close(res.attr_probs, expected["attr_probs"][idx])
+        assert_scaled_close(res.pred_boxes.tensor, boxes[idx])
+        assert_scaled_close(res.box_features, expected["pool5"][idx])
+        assert_scaled_close(res.class_probs, expected["class_probs"][idx])
+        assert_scaled_close(res.attr_probs, expected["attr_probs"][idx])
         scores, deltas = predictor(res.box_features)[:2]
         regressed = predictor.box2box_transform.apply_deltas(deltas, res.pred_boxes.tensor)
-        close(regressed, expected["regressed"][idx])
+        assert_scaled_close(regressed, expected["regressed"][idx])
         conf, ids = expected["attr_probs"][idx, :-1].max(dim=1)
         assert torch.equal(res.attrs_id, ids)
-        close(res.attrs_conf, conf)
+        assert_scaled_close(res.attrs_conf, conf)
 
 
 def test_selection_end_to_end_is_generate_tsv(model):
@@ -144,10 +139,10 @@ def test_selection_end_to_end_is_generate_tsv(model):
     caffe_probs = np.concatenate([probs[:, -1:], probs[:, :-1]], axis=1)  # background first
     rows = ref.generate_tsv_rows(original, caffe_probs, nms_thresh=0.3)
     assert res.proposal_index.tolist() == rows.tolist()
-    close(res.pred_boxes.tensor, torch.from_numpy(original[rows]))
+    assert_scaled_close(res.pred_boxes.tensor, torch.from_numpy(original[rows]))
     conf, ids = expected["class_probs"][rows, :-1].max(dim=1)
     assert torch.equal(res.pred_classes, ids)
-    close(res.scores, conf)
+    assert_scaled_close(res.scores, conf)
 
 
 def random_case(rng, num_boxes, num_classes, integer):
