@@ -10,17 +10,12 @@ from typing import Dict, List
 
 import numpy as np
 
-from detectron2.config import CfgNode
-from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
-from detectron2.utils.file_io import PathManager
-
 from ..formats import WRITERS, LayoutIdError
-from ..modeling.config import region_features_node
-from ..modeling.heads import RegionFeatureHeadsMixin
 from ..modeling.outputs import RegionOutputs, region_outputs
-from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies, vocabularies
+from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies
 from .inputs import ImageItem, list_inputs, one_line
-from .manifest import MANIFEST_VERSION, package_versions, sha256_file, sha256_text
+from .manifest import MANIFEST_VERSION, package_versions, sha256_text
+from .model_config import ModelConfig, as_model_config
 from .model_call import record_keys
 from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
 
@@ -33,7 +28,8 @@ class ExtractionError(RuntimeError):
 class ExtractionJob:
     """Everything a rank needs; made by :func:`prepare_job`."""
 
-    cfg: CfgNode
+    # the model's config (see extraction/model_config.py)
+    model_config: ModelConfig
     items: List[ImageItem]
     output_dir: str
     formats: List[str]
@@ -49,28 +45,6 @@ class ExtractionJob:
     complete: bool = False
 
 
-def _local_weights(cfg):
-    weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        raise ExtractionError("MODEL.WEIGHTS is not set: give the checkpoint to extract with")
-    try:
-        path = PathManager.get_local_path(weights)
-    except Exception as e:  # any handler (http, detectron2://, ...) may fail its own way
-        raise ExtractionError(f"weights {weights} cannot be fetched ({one_line(e)})")
-    if not os.path.isfile(path):
-        raise ExtractionError(f"weights file {weights} not found")
-    return path
-
-
-def _config_sha256(cfg):
-    """Checksum of the config, less the keys that do not change the features' meaning."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = ""
-    cfg.MODEL.WEIGHTS = ""
-    return sha256_text(cfg.dump())
-
-
 def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
                 limit=0, claim=True, id_mode=None, **options) -> ExtractionJob:
     """
@@ -78,7 +52,8 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     initial manifest there).
 
     Args:
-        cfg: the frozen config of the model.
+        cfg: the model's :class:`ModelConfig`, or a yacs ``CfgNode`` (made one by
+            :func:`model_config.as_model_config`, plain heads enabled).
         source, image_root, limit, id_mode: what to extract and its ids, see
             :func:`inputs.list_inputs`.
         formats: names in :data:`formats.WRITERS`.
@@ -91,24 +66,14 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     Raises:
         ExtractionError, InputError, OutputFolderError: with a one-line message.
     """
-    region_features_node(cfg)
-    try:
-        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
-    except KeyError:
-        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
-    if not issubclass(head, RegionFeatureHeadsMixin):
-        raise ExtractionError(
-            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
-            "use a Feature head (merge configs/region_features.yaml)"
-        )
+    model_config = as_model_config(cfg)
     try:
         formats = check_formats(formats)
     except ValueError as e:
         raise ExtractionError(str(e))
-    emits = _region_outputs(cfg)
+    emits = _region_outputs(model_config)
     _check_needs(emits, formats)
-    names = vocabularies(cfg)
-    weights = _local_weights(cfg)
+    names = model_config.vocabularies()
     items = list_inputs(source, image_root, limit, id_mode)
     if not items:
         raise ExtractionError(f"--input {source} holds no images")
@@ -119,10 +84,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "complete": False,
-        "config": cfg.dump(),
-        "config_sha256": _config_sha256(cfg),
-        "weights": cfg.MODEL.WEIGHTS,
-        "weights_sha256": sha256_file(weights),
+        **model_config.manifest_entries(),
         "formats": formats,
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
@@ -140,21 +102,18 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         manifest["class_names_missing"] = NO_NAMES_HINT
     complete = claim and RunFolder(output_dir, formats).claim(manifest, resume)
     return ExtractionJob(
-        cfg=cfg, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
+        model_config=model_config, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
         complete=complete, **options
     )
 
 
-def _region_outputs(cfg) -> RegionOutputs:
+def _region_outputs(model_config: ModelConfig) -> RegionOutputs:
     """
-    What the model of ``cfg`` emits, asked of it built once on the CPU without its weights
-    (what it emits does not depend on them): a second or two, before any process starts.
+    What the model emits, asked of it built once on the CPU without its weights (what it
+    emits does not depend on them): a second or two, before any process starts.
     """
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
     try:
-        return region_outputs(build_model(cfg))
+        return region_outputs(model_config.build_model("cpu"))
     except ValueError as e:
         raise ExtractionError(one_line(e))
 

@@ -9,11 +9,9 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-
 from ..formats.grid import GRID_KEYS, grid_record
 from ..modeling.outputs import RegionOutputs
+from .model_config import as_model_config
 
 
 def record_keys(emits: RegionOutputs) -> List[str]:
@@ -44,8 +42,10 @@ class BatchExtractor:
     """
 
     def __init__(self, cfg, fp16=False, amp=False):
-        self.model = build_model(cfg).eval()
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        """``cfg``: a :class:`model_config.ModelConfig`, or a yacs ``CfgNode``."""
+        model_config = as_model_config(cfg)
+        self.model = model_config.build_model()
+        model_config.load_weights(self.model)
         self.divisibility = max(1, self.model.backbone.size_divisibility)
         self.fp16 = fp16
         device = self.model.device.type

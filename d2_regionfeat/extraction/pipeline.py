@@ -81,14 +81,13 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]]) -> Dict:
     todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
     stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
     if todo:
-        dataset = ImageDataset(
-            job.items, job.cfg.INPUT.FORMAT, job.cfg.INPUT.MIN_SIZE_TEST, job.cfg.INPUT.MAX_SIZE_TEST
-        )
+        config = job.model_config
+        dataset = ImageDataset(job.items, config.input_format, config.min_size_test, config.max_size_test)
         # started first: the workers decode the first batches while the model is built
         loader = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
         ))
-        extractor = BatchExtractor(job.cfg, job.fp16, job.amp)
+        extractor = BatchExtractor(job.model_config, job.fp16, job.amp)
         bar = tqdm(
             total=sum(map(len, batches)), initial=stats["skipped"], unit="img", dynamic_ncols=True,
             disable=not comm.is_main_process(), desc=f"extract (rank 0 of {comm.get_world_size()})",

@@ -29,8 +29,8 @@ import torch
 from ..formats.shard import ShardWriter, is_complete
 from .manifest import OutputFolderError, package_versions, sha256_file
 from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, list_inputs, one_line
-from .job import _config_sha256, _local_weights
 from .model_call import BatchExtractor
+from .model_config import ModelConfig, as_model_config
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -307,12 +307,14 @@ def _batches(units, size):
         yield batch
 
 
-def extract_shard(name: str, units, output_dir: str, run, cfg, batch_size: int = 4) -> Dict:
+def extract_shard(name: str, units, output_dir: str, run, model_config: ModelConfig,
+                  batch_size: int = 4) -> Dict:
     """
     Extract one input shard's ``units`` into output shard ``name`` (written atomically).
 
     Args:
         run: an :class:`OutOfMemoryFallback` (over a :class:`BatchExtractor`).
+        model_config: the model's config (its input format and test resize).
 
     Returns:
         counts ``{"done", "failed"}``.
@@ -332,7 +334,7 @@ def extract_shard(name: str, units, output_dir: str, run, cfg, batch_size: int =
                     good.append(unit)
             dataset = ImageDataset(
                 [ImageItem(u["id"], u["image"]) for u in good],
-                cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST,
+                model_config.input_format, model_config.min_size_test, model_config.max_size_test,
             )
             decoded = [dataset[i] for i in range(len(good))]
             ready = [(u, x) for u, x in zip(good, decoded) if "error" not in x]
@@ -385,6 +387,9 @@ def extract_shards(cfg, source: str, output_dir: str, shard_index=None, num_shar
     This worker's input shards of ``source`` (see :func:`select_shards`), each extracted to its
     output shard unless already complete in ``output_dir``.
 
+    Args:
+        cfg: the model's :class:`ModelConfig`, or a yacs ``CfgNode``.
+
     Returns:
         counts ``{"shards", "skipped", "done", "failed"}``.
     """
@@ -392,8 +397,9 @@ def extract_shards(cfg, source: str, output_dir: str, shard_index=None, num_shar
         plan_shards(source, shard_size, image_root, id_mode, id_field), shard_index, num_shards
     )
     os.makedirs(output_dir, exist_ok=True)
+    model_config = as_model_config(cfg)
     claim_shard_folder(output_dir, {
-        "config_sha256": _config_sha256(cfg), "weights_sha256": sha256_file(_local_weights(cfg)),
+        "config_sha256": model_config.sha256, "weights_sha256": sha256_file(model_config.local_weights()),
         "fp16": bool(fp16), "amp": bool(amp), "id_field": id_field, "id": id_mode, "shard_size": shard_size,
     })
     todo = [(name, units) for name, units in shards if not is_complete(output_dir, name)]
@@ -401,10 +407,10 @@ def extract_shards(cfg, source: str, output_dir: str, shard_index=None, num_shar
     if not todo:
         return counts
     if extractor is None:
-        extractor = BatchExtractor(cfg, fp16, amp)
+        extractor = BatchExtractor(model_config, fp16, amp)
     run = OutOfMemoryFallback(extractor)
     for name, units in todo:
-        shard_counts = extract_shard(name, units(), output_dir, run, cfg, batch_size)
+        shard_counts = extract_shard(name, units(), output_dir, run, model_config, batch_size)
         counts["done"] += shard_counts["done"]
         counts["failed"] += shard_counts["failed"]
     return counts

@@ -4,6 +4,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Boxes, Instances
 
@@ -49,7 +50,22 @@ class RegionPredictor(DefaultPredictor):
     :class:`DefaultPredictor` that also takes boxes: ``predictor(image)`` is detectron2's,
     ``predictor(image, boxes)`` describes the given (N, 4) boxes (original image pixels)
     as :func:`regions_for_boxes` does, without running the RPN.
+
+    ``RegionPredictor(cfg)`` builds the model of a yacs config as DefaultPredictor does;
+    :meth:`of_model` takes a model already built (a LazyConfig's).
     """
+
+    @classmethod
+    def of_model(cls, model, input_format: str, min_size: int, max_size: int) -> "RegionPredictor":
+        """
+        The predictor of ``model`` (eval mode, weights loaded), its images in
+        ``input_format`` ("BGR" or "RGB"), resized as ``ResizeShortestEdge(min_size, max_size)``.
+        """
+        predictor = cls.__new__(cls)
+        predictor.model = model
+        predictor.input_format = input_format
+        predictor.aug = T.ResizeShortestEdge([min_size, min_size], max_size)
+        return predictor
 
     def __call__(self, original_image: np.ndarray, boxes: Optional[np.ndarray] = None):
         """
@@ -58,11 +74,13 @@ class RegionPredictor(DefaultPredictor):
             boxes: optional (N, 4) x1y1x2y2 boxes in ``original_image`` pixels.
 
         Returns:
-            dict: {"instances": Instances} as :class:`DefaultPredictor` returns.
+            dict: {"instances": Instances} as :class:`DefaultPredictor` returns (the model's
+            whole output dict without ``boxes``).
         """
-        if boxes is None:
-            return super().__call__(original_image)
         inputs = self.model_inputs(original_image)
+        if boxes is None:
+            with torch.no_grad():
+                return self.model([inputs])[0]
         return {"instances": regions_for_boxes(self.model, [inputs], [boxes])[0]}
 
     def model_inputs(self, original_image: np.ndarray) -> dict:
