@@ -403,7 +403,8 @@ def test_bad_settings_give_one_error_line(model, image_set, reference, tmp_path,
         "weights file /no/such/model.pth not found": args + ["MODEL.WEIGHTS", "/no/such/model.pth"],
         "config options MODEL.NO_SUCH_KEY 1: Non-existent key: MODEL.NO_SUCH_KEY": args + ["--opts", "MODEL.NO_SUCH_KEY", "1"],
         "--format must be among npz, tsv, lmdb, hdf5": args + ["--format", "csv"],
-        "StandardROIHeads, which gives no region features": args + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"],
+        "MODEL.META_ARCHITECTURE RetinaNet has no ROI heads": args + ["MODEL.META_ARCHITECTURE", "RetinaNet"],
+        "--format must be among npz, tsv, lmdb, hdf5": args + ["--format", "npz", "csv"],
         "no folder, file, glob or registered dataset": [*args[:5], str(tmp_path / "none"), *args[6:]],
     }
     for message, argv in cases.items():
@@ -415,7 +416,7 @@ def test_bad_settings_give_one_error_line(model, image_set, reference, tmp_path,
     shutil.copytree(reference.out, out)
     before = folder_bytes(out)
     code, err = error_of(tool_main, capsys, args + ["--resume", "MODEL.REGION_FEATURES.MAX_BOXES", "9"])
-    assert code == 2 and "written by another run (its config differ" in err and len(err.splitlines()) == 1
+    assert code == 2 and "written by another run (its config, config overrides differ" in err and len(err.splitlines()) == 1
     code, err = error_of(tool_main, capsys, args + ["--resume", "--limit", "2"])
     assert code == 2 and "inputs (--input, --limit)" in err
     assert folder_bytes(out) == before
@@ -423,6 +424,24 @@ def test_bad_settings_give_one_error_line(model, image_set, reference, tmp_path,
     # the same, as a process: one line on stderr, no traceback
     result = run_tool(*args, "--resume", "MODEL.REGION_FEATURES.MAX_BOXES", "9")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_plain_heads_are_enabled(model, image_set, reference, tmp_path, tool_main):
+    """
+    The tools' model with its plain StandardROIHeads named: enabled (the INFO line is
+    tests/test_model_config.py's), the same features.
+    """
+    out = tmp_path / "out"
+    argv = tool_args(model, image_set, out, "--limit", "2", "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
+                     formats=["npz"])
+    assert tool_main(argv[2:]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config_overrides"][-2:] == ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"]
+    assert "NAME: FeatureROIHeads" in manifest["config"] and "BASE_ROI_HEADS: StandardROIHeads" in manifest["config"]
+    got = by_id(read_features(str(out), "npz"))
+    want = by_id(read_features(str(reference.out), "npz"))
+    assert sorted(got) == ["a", "b"]
+    assert_same_records(got, {i: want[i] for i in got})
 
 
 def test_two_processes_equal_one(model, image_set, reference, tmp_path):

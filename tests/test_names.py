@@ -9,6 +9,7 @@ import numpy as np
 
 from d2_regionfeat.data.synthetic import CLASSES
 from d2_regionfeat.default_model import get_default_model_cfg
+from d2_regionfeat.extraction.model_config import as_model_config
 from d2_regionfeat.modeling.vocabulary import vocabularies
 from test_extract_net import REPO, generated, save_bgr
 
@@ -41,13 +42,13 @@ def test_explain_json_names_classes(model, tmp_path, capsys):
 def test_demo_labels_use_the_class_names_file(tmp_path):
     demo = load_tool("demo")
     cfg = get_default_model_cfg("cpu")
-    assert demo.class_names(cfg) == list(CLASSES)
+    assert demo.class_names(as_model_config(cfg)) == list(CLASSES)
     names = [f"thing{i}" for i in range(len(CLASSES))]
     (tmp_path / "vocab.txt").write_text("\n".join(names) + "\n")
     cfg.MODEL.REGION_FEATURES.CLASS_NAMES_FILE = str(tmp_path / "vocab.txt")
-    assert vocabularies(cfg).class_names == demo.class_names(cfg) == names
+    assert vocabularies(cfg).class_names == demo.class_names(as_model_config(cfg)) == names
     regions = {"objects_id": np.array([2, 0]), "objects_conf": np.array([0.97, 0.5], np.float32)}
-    assert demo.region_label(regions, 0, demo.class_names(cfg), 0.2) == "thing2 0.97"
+    assert demo.region_label(regions, 0, names, 0.2) == "thing2 0.97"
 
 
 def test_demo_main_on_two_images(tmp_path, monkeypatch, capsys):

@@ -20,10 +20,10 @@ from PIL import Image
 from d2_regionfeat.extraction import ExtractionError, InputError, extract, prepare_job
 from d2_regionfeat.extraction.manifest import OutputFolderError
 from d2_regionfeat.extraction.model_call import BatchExtractor
+from d2_regionfeat.extraction.model_config import ConfigError, load_model_config
 from d2_regionfeat.extraction.pipeline import extract_shards
 from d2_regionfeat.extraction.shards import expand_braces, select_shards
 from d2_regionfeat.io import ShardFolder, read_features
-from detectron2.config import get_cfg
 
 from test_extract_net import generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
 from test_grid_formats import grid_model  # noqa: F401  (a module fixture)
@@ -93,10 +93,7 @@ def extractor(model):
 @pytest.fixture(scope="module")
 def tool_cfg(model):
     """The config as the tool loads it from the model's yaml."""
-    cfg = get_cfg()
-    cfg.merge_from_file(str(model.yaml))
-    cfg.freeze()
-    return cfg
+    return load_model_config(str(model.yaml))
 
 
 def extract_here(cfg, shards, out, extractor, **options):
@@ -297,10 +294,11 @@ def test_limit_workers_and_processes(model, shards, clean, tool_main, tmp_path):
     assert files(out) == files(clean)
 
 
-def test_a_plain_head_is_refused_before_any_shard(model, shards, tmp_path):
+def test_a_model_without_roi_heads_is_refused_before_any_shard(model, shards, tmp_path):
+    """The shard path checks the model as the folder path does (plain heads are enabled there)."""
     cfg = model.cfg.clone()
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    with pytest.raises(ExtractionError, match="gives no region features"):
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    with pytest.raises(ConfigError, match="MODEL.META_ARCHITECTURE RetinaNet has no ROI heads"):
         extract_shards(cfg, str(shards / "00002.tar"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

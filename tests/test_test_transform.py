@@ -11,6 +11,7 @@ import pytest
 from d2_regionfeat.data import build_test_transform
 from d2_regionfeat.extraction.inputs import ImageItem
 from d2_regionfeat.extraction.job import ExtractionJob
+from d2_regionfeat.extraction.model_config import as_model_config
 from d2_regionfeat.modeling.given_boxes import RegionPredictor
 from detectron2.engine import DefaultPredictor
 
@@ -39,7 +40,7 @@ def test_every_path_resizes_as_vinvl(cfg, tmp_path):
     resize = build_test_transform(cfg).get_transform(bgr)
     assert (resize.new_h, resize.new_w) == TRUNCATED
     save_bgr(tmp_path / "a.png", bgr)
-    job = ExtractionJob(cfg=cfg, items=[], output_dir="", formats=[], emits=None, names=None)
+    job = ExtractionJob(model_config=as_model_config(cfg), items=[], output_dir="", formats=[], emits=None, names=None)
     entry = job.images([ImageItem("a", str(tmp_path / "a.png"))])[0]
     assert tuple(entry["image"].shape[-2:]) == TRUNCATED
     predictor = RegionPredictor(cfg)

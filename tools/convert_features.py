@@ -24,6 +24,7 @@ from d2_regionfeat.extraction.convert import ConversionError, convert  # noqa: E
 from d2_regionfeat.formats import WRITERS  # noqa: E402
 from d2_regionfeat.extraction.inputs import ID_MODES  # noqa: E402
 from d2_regionfeat.extraction.manifest import OutputFolderError  # noqa: E402
+from d2_regionfeat.extraction.run import format_names  # noqa: E402
 
 
 def get_parser():
@@ -32,8 +33,8 @@ def get_parser():
     )
     parser.add_argument("input", metavar="IN_DIR", help="output folder of a finished extraction")
     parser.add_argument(
-        "--format", action="append", required=True, metavar="F",
-        help=f"layout(s) to write, repeatable or comma-separated: {', '.join(WRITERS)}",
+        "--format", action="append", nargs="+", required=True, metavar="F",
+        help=f"layout(s) to write, space- or comma-separated, repeatable: {', '.join(WRITERS)}",
     )
     parser.add_argument("--output", required=True, metavar="OUT_DIR", help="new or empty folder")
     parser.add_argument(
@@ -48,7 +49,7 @@ def get_parser():
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    formats = [f for value in args.format for f in value.split(",") if f]
+    formats = format_names([word for value in args.format for word in value])
     try:
         manifest = convert(args.input, formats, args.output, args.id_mode, args.resume, args.source_format)
     except (ConversionError, OutputFolderError, OSError) as e:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
-Run the shipped default model over images through detectron2's DefaultPredictor and the
-Feature heads, and write what it finds:
+Run a model (by default the shipped one) over images through the region-feature heads, as
+detectron2's DefaultPredictor does, and write what it finds:
 
 * ``<output>/<image name>.npz`` per image: ``x`` (N, D) float32 region features, ``bbox``
   (N, 4) x1y1x2y2 in original image pixels, ``num_bbox``, ``image_h``, ``image_w``,
@@ -15,6 +15,11 @@ Feature heads, and write what it finds:
 
     python tools/demo.py                       # demo/images -> demo_out
     python tools/demo.py --images my_pics --output out MODEL.REGION_FEATURES.SOURCE pooled
+    python tools/demo.py --config-file my_lazy_config.py train.init_checkpoint=model.pth
+
+``--config-file`` takes a yacs YAML (``KEY VALUE`` overrides) or a LazyConfig ``.py``
+(``key=value`` overrides), as tools/extract_net.py does; the labels use the shapes' names
+when the model has none.
 """
 import argparse
 import glob
@@ -32,11 +37,10 @@ from d2_regionfeat.data.synthetic import (  # noqa: E402
     CLASS_COLORS,
     CLASSES,
 )
-from d2_regionfeat.default_model import get_default_model_cfg  # noqa: E402
-from d2_regionfeat.modeling.vocabulary import vocabularies  # noqa: E402
+from d2_regionfeat.default_model import CONFIG_FILE, get_default_model_cfg  # noqa: E402
+from d2_regionfeat.extraction.model_config import add_config_arguments, model_config_from_args  # noqa: E402
 
 from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +48,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABEL_GROUPS = ("size", "colour")
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description="Region features of the shipped default model")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Region features of a model (by default the shipped one)")
     parser.add_argument("--images", default=os.path.join(REPO_ROOT, "demo", "images"),
                         help="a folder of images, or image files")
     parser.add_argument("--output", default="demo_out", help="folder for the .npz files and overview.png")
@@ -53,9 +57,10 @@ def parse_args():
                         help="minimum score of the detections kept")
     parser.add_argument("--attribute-threshold", type=float, default=0.2,
                         help="minimum probability of the attributes shown (the best of each group)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides, KEY VALUE pairs")
-    return parser.parse_args()
+    args = add_config_arguments(parser, config_file=CONFIG_FILE).parse_args(argv)
+    if args.config_file == CONFIG_FILE and not args.weights:
+        args.weights = get_default_model_cfg().MODEL.WEIGHTS  # the shipped weights (or why they are missing)
+    return args
 
 
 def image_files(path):
@@ -104,9 +109,9 @@ def attribute_words(attr_prob, threshold):
     return words
 
 
-def class_names(cfg):
-    """The model's class names (MODEL.REGION_FEATURES.CLASS_NAMES_FILE ...), else the shapes'."""
-    return vocabularies(cfg).class_names or list(CLASSES)
+def class_names(config):
+    """The class names of the model's config (CLASS_NAMES_FILE ...), else the shapes'."""
+    return config.vocabularies().class_names or list(CLASSES)
 
 
 def region_label(regions, i, names, attribute_threshold):
@@ -166,13 +171,11 @@ def draw_overview(images, regions, names, output_file, attribute_threshold, clas
     plt.close(fig)
 
 
-def main():
-    args = parse_args()
-    cfg = get_default_model_cfg()
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
-    cfg.MODEL.REGION_FEATURES.CLASS_PROBS = True  # cls_prob is part of the output
-    predictor = DefaultPredictor(cfg)
+def main(argv=None):
+    args = parse_args(argv)
+    # cls_prob is part of the output
+    config = model_config_from_args(args, score_thresh=args.confidence_threshold, class_probs=True)
+    predictor = config.predictor()
     os.makedirs(args.output, exist_ok=True)
     images, regions, names = [], [], []
     for path in image_files(args.images):
@@ -184,7 +187,7 @@ def main():
         regions.append(r)
         names.append(name)
     overview = os.path.join(args.output, "overview.png")
-    draw_overview(images, regions, names, overview, args.attribute_threshold, class_names(cfg))
+    draw_overview(images, regions, names, overview, args.attribute_threshold, class_names(config))
     print(f"\nWrote {len(names)} feature files (.npz) to {os.path.abspath(args.output)}/")
     print(f"Wrote the overview (detections and PCA of the features) to {os.path.abspath(overview)}")
 

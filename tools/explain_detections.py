@@ -5,51 +5,55 @@ detections on an image: how many proposals score above the threshold, how many
 (proposal, class) candidates that gives, what NMS removes (and by which kept box), what the
 top-k limit and postprocessing remove.
 
-    python tools/explain_detections.py --config-file CFG --input IMG [IMG ...] \
-        [--thresh 0.5] [--json] [--opts MODEL.WEIGHTS model.pth ...]
+    python tools/explain_detections.py --config-file CFG --input IMG [IMG ...] \\
+        [--thresh 0.5] [--json] [--weights model.pth] [OVERRIDES ...]
+
+``CFG`` is a yacs YAML (overrides ``MODEL.WEIGHTS model.pth ...``) or a LazyConfig ``.py``
+(overrides ``train.init_checkpoint=model.pth ...``), as in tools/extract_net.py.
 
 Classes are named by the model's names (MODEL.REGION_FEATURES.CLASS_NAMES_FILE, else the
 thing_classes of its test dataset; ``class_<index>`` without names): ``class_name`` beside
 each ``class`` in the JSON.
 
-A config with plain ROI heads (StandardROIHeads, Res5ROIHeads, CascadeROIHeads) is switched
-to their Feature versions, which give the same detections.
+A config with plain ROI heads (StandardROIHeads, Res5ROIHeads, CascadeROIHeads, ...) is
+switched to their region-feature versions, which give the same detections.
 """
 import argparse
 import json
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
 
-from d2_regionfeat import enable_region_features
+from d2_regionfeat.extraction.model_config import (
+    add_config_arguments,
+    model_config_from_args,
+    split_overrides,
+)
 from d2_regionfeat.modeling.explain import explain_detections, format_report
-from d2_regionfeat.modeling.given_boxes import RegionPredictor
-from d2_regionfeat.modeling.vocabulary import vocabularies
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, nargs="+", metavar="IMAGE")
     parser.add_argument("--thresh", type=float, default=None,
                         help="score threshold to explain (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
-                        help="config KEY VALUE pairs, as in detectron2's tools")
-    return parser.parse_args(argv)
+    parser.add_argument("--opts", dest="more_opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides, as the positional ones")
+    args = add_config_arguments(parser).parse_args(argv)
+    args.input, overrides = split_overrides(args.input)
+    args.opts = overrides + args.opts
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    names = vocabularies(cfg)
-    predictor = RegionPredictor(enable_region_features(cfg))
+    config = model_config_from_args(args, args.more_opts)
+    names = config.vocabularies()
+    predictor = config.predictor()
     reports = {}
     for path in args.input:
-        inputs = predictor.model_inputs(read_image(path, format=cfg.INPUT.FORMAT))
+        inputs = predictor.model_inputs(read_image(path, format=config.input_format))
         (reports[path],) = explain_detections(predictor.model, [inputs], args.thresh)
     if args.json:
         for report in reports.values():

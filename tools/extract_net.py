@@ -3,8 +3,16 @@
 Extract region features of a whole image set with a d2_regionfeat model.
 
     python tools/extract_net.py --config-file CFG --input SRC --output OUT \\
-        [--format npz --format tsv ...] [--id stem|int] [--min-regions N] [--batch-size 4] \\
-        [--num-workers 2] [--fp16] [--amp] [--resume] [--limit N] [--strict] [--num-gpus N ...] [KEY VALUE ...]
+        [--format npz tsv ...] [--id stem|int] [--min-regions N] [--batch-size 4] \\
+        [--num-workers 2] [--fp16] [--amp] [--resume] [--limit N] [--strict] [--num-gpus N ...] \\
+        [--weights W] [--device D] [OVERRIDES ...]
+
+``CFG`` is the config you trained with, as it is: a yacs YAML (``_BASE_`` chains, the model
+zoo's files) with ``KEY VALUE`` overrides, or a LazyConfig ``.py`` (or the ``.yaml`` of
+``LazyConfig.save``) with ``key=value`` overrides; plain ROI heads are switched to their
+region-feature version (one INFO line says what changed). Region-feature settings are
+``MODEL.REGION_FEATURES.*`` keys (yacs) or ``region_features.*`` keys (LazyConfig; see
+:mod:`d2_regionfeat.extraction.model_config`).
 
 ``--input`` is a folder, a glob, a text file of paths, a COCO-format json or a registered
 detectron2 dataset (:mod:`d2_regionfeat.extraction.inputs`). ``OUT`` gets ``manifest.json``,
@@ -55,21 +63,27 @@ from d2_regionfeat.extraction.inputs import ID_MODES, InputError  # noqa: E402
 from d2_regionfeat.extraction.launch import launch  # noqa: E402
 from d2_regionfeat.extraction.manifest import OutputFolderError, read_manifest  # noqa: E402
 from d2_regionfeat.extraction.job import ExtractionError, prepare_job  # noqa: E402
+from d2_regionfeat.extraction.model_config import (  # noqa: E402
+    add_config_arguments,
+    model_config_from_args,
+    split_overrides,
+)
 from d2_regionfeat.extraction.pipeline import extract  # noqa: E402
+from d2_regionfeat.extraction.run import format_names  # noqa: E402
 from d2_regionfeat.extraction.shards import is_shard_source  # noqa: E402
 from d2_regionfeat.formats.shard import ShardFolder  # noqa: E402
 from d2_regionfeat.formats import WRITERS  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 
 def get_parser():
-    parser = default_argument_parser(epilog=__doc__)
+    parser = add_config_arguments(default_argument_parser(epilog=__doc__))
     parser.add_argument("--input", required=True, help="folder, glob, list file, COCO json or dataset name")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--format", action="append", metavar="F",
-        help=f"output format, repeatable or comma-separated: {', '.join(WRITERS)} (default npz); "
+        "--format", action="append", nargs="+", metavar="F",
+        help=f"output formats, space- or comma-separated, repeatable: {', '.join(WRITERS)} (default npz); "
         "mmf, vilbert and ban_hdf5 write pickles (their readers' design)",
     )
     parser.add_argument(
@@ -87,7 +101,6 @@ def get_parser():
         "--batch-size", type=_positive, default=4, help="images per batch (on CPU, a model call per image)"
     )
     parser.add_argument("--num-workers", type=_non_negative, default=2, help="image decoding workers")
-    parser.add_argument("--device", help="MODEL.DEVICE (default: the config's, cpu without CUDA)")
     parser.add_argument("--fp16", action="store_true", help="store features as float16")
     parser.add_argument(
         "--amp", action="store_true",
@@ -107,7 +120,7 @@ def get_parser():
     shards.add_argument("--num-shards", type=_positive, help="number of workers (default: SLURM array or torchrun env)")
     parser.add_argument(
         "--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-        help="config options, as the positional KEY VALUE pairs",
+        help="config overrides, as the positional ones",
     )
     for action in parser._actions:
         if action.dest == "resume":
@@ -129,38 +142,26 @@ def _non_negative(text):
     return value
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    try:
-        cfg.merge_from_file(args.config_file)
-    except (OSError, KeyError, ValueError, AssertionError) as e:
-        raise ExtractionError(f"config {args.config_file or '(none)'}: {e.args[0] if e.args else e}")
-    opts = (args.opts or []) + args.more_opts
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ExtractionError(f"config options {' '.join(opts)}: {e.args[0] if e.args else e}")
-    if args.min_regions:
-        cfg.MODEL.REGION_FEATURES.MIN_REGIONS = args.min_regions
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
-    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+def load_config(args, overrides):
+    """The model's config, with the command line's overrides and --min-regions."""
+    return model_config_from_args(
+        args, overrides + args.more_opts, min_regions=args.min_regions or None
+    )
 
 
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    formats = [f for value in args.format or ["npz"] for f in value.split(",") if f]
+    words, overrides = split_overrides([w for value in args.format or [["npz"]] for w in value])
+    formats = format_names(words)
+    setup_logger(name="d2_regionfeat")  # the INFO line of what enabling the heads changed
     shard_run = bool(args.shard_size) or is_shard_source(args.input)
     try:
         if shard_run and "LOCAL_RANK" in os.environ and not args.device and torch.cuda.is_available():
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU a process
-        cfg = setup_cfg(args)
+        config = load_config(args, overrides)
         job = prepare_job(
-            cfg, args.input, args.output, formats, args.num_gpus * args.num_machines,
+            config, args.input, args.output, formats, args.num_gpus * args.num_machines,
             resume=args.resume, image_root=args.image_root, limit=args.limit, claim=args.machine_rank == 0,
             id_mode=args.id_mode, shard_size=args.shard_size, id_field=args.id_field,
             shard_index=args.shard_index, num_shards=args.num_shards,
@@ -170,7 +171,7 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     launch(
         extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
-        args=(job,), device=cfg.MODEL.DEVICE,
+        args=(job,), device=config.device,
     )
     if shard_run:
         return _shards_status(job, args.strict)

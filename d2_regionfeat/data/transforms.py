@@ -1,7 +1,8 @@
 """
 The test transform of a model's input: :func:`build_test_transform`, the one place a path that
 feeds a model (extraction, :class:`~d2_regionfeat.modeling.predictor.RegionPredictor`, given
-boxes) gets its resize from, and :class:`VinVLResize`, maskrcnn-benchmark's resize.
+boxes) gets its resize from; :class:`VinVLResize`, maskrcnn-benchmark's resize; and
+:class:`AugmentationChain`, a LazyConfig's test augmentations as one.
 """
 from PIL import Image
 
@@ -31,6 +32,26 @@ class VinVLResize(T.Augmentation):
         h, w = image.shape[:2]
         new_h, new_w = vinvl_resize_shape(h, w, self.short_edge_length, self.max_size)
         return T.ResizeTransform(h, w, new_h, new_w, self.interp)
+
+
+class AugmentationChain(T.Augmentation):
+    """
+    A list of image-only augmentations as one, with ``get_transform(image)`` (which
+    :class:`DefaultPredictor` and the runs call; detectron2's ``AugmentationList`` has none):
+    each applied to the image the previous one gave.
+    """
+
+    def __init__(self, augmentations):
+        super().__init__()
+        self.augmentations = list(augmentations)
+
+    def get_transform(self, image):
+        transforms = []
+        for augmentation in self.augmentations:
+            transform = augmentation.get_transform(image)
+            image = transform.apply_image(image)
+            transforms.append(transform)
+        return T.TransformList(transforms)
 
 
 def build_test_transform(cfg) -> T.Augmentation:

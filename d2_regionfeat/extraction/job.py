@@ -5,29 +5,22 @@ layouts need, the model's names) and claims the output folder before any process
 for every kind of input (folder, list, dataset, tar shards); :func:`finish` completes a
 folder run's manifest once every rank is done; :func:`summary` and :func:`shard_summary` are
 the end-of-run reports. The model of a run is built by :meth:`ExtractionJob.extractor`, its
-input transform by :meth:`ExtractionJob.images`, its config's identity by
-:func:`config_identity`.
+input transform by :meth:`ExtractionJob.images`; its config is a
+:class:`~.model_config.ModelConfig` (any yacs YAML or LazyConfig, plain heads enabled).
 """
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from detectron2.config import CfgNode
-from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.utils.file_io import PathManager
-
-from ..data.transforms import build_test_transform
 from ..formats import WRITERS, LayoutIdError
 from ..formats.shard import is_complete
-from ..modeling.config import region_features_node
-from ..modeling.heads import RegionFeatureHeadsMixin
 from ..modeling.outputs import RegionOutputs, region_outputs
-from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies, vocabularies
+from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
-from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_file, sha256_text
-from .model_call import BatchExtractor, build_extraction_model, record_keys
+from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_text
+from .model_call import BatchExtractor, record_keys
+from .model_config import ModelConfig, as_model_config
 from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
 from .shards import SHARDS_MANIFEST, InputShard, is_shard_source, plan_shards, select_shards
 
@@ -40,7 +33,8 @@ class ExtractionError(RuntimeError):
 class ExtractionJob:
     """Everything a rank needs; made by :func:`prepare_job`."""
 
-    cfg: CfgNode
+    # the model's config (see extraction/model_config.py)
+    model_config: ModelConfig
     items: List[ImageItem]
     output_dir: str
     formats: List[str]
@@ -62,59 +56,12 @@ class ExtractionJob:
 
     def extractor(self) -> BatchExtractor:
         """The run's model call (the model built, with its weights, on its device)."""
-        return BatchExtractor(self.cfg, self.fp16, self.amp)
+        return BatchExtractor(self.model_config, self.fp16, self.amp)
 
     def images(self, items: List[ImageItem]) -> ImageDataset:
         """``items`` decoded and resized as the model takes them."""
-        return ImageDataset(items, self.cfg.INPUT.FORMAT, build_test_transform(self.cfg))
-
-
-def _local_weights(cfg):
-    weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        raise ExtractionError("MODEL.WEIGHTS is not set: give the checkpoint to extract with")
-    try:
-        path = PathManager.get_local_path(weights)
-    except Exception as e:  # any handler (http, detectron2://, ...) may fail its own way
-        raise ExtractionError(f"weights {weights} cannot be fetched ({one_line(e)})")
-    if not os.path.isfile(path):
-        raise ExtractionError(f"weights file {weights} not found")
-    return path
-
-
-def config_identity(cfg) -> Dict:
-    """
-    What of the config decides the features, as the manifests store it: ``config_sha256``
-    (less the keys that do not change the features' meaning), ``weights`` and their
-    ``weights_sha256``.
-
-    Raises:
-        ExtractionError: the weights are not set or cannot be fetched.
-    """
-    weights = _local_weights(cfg)
-    plain = cfg.clone()
-    plain.defrost()
-    plain.MODEL.DEVICE = ""
-    plain.MODEL.WEIGHTS = ""
-    return {
-        "config_sha256": sha256_text(plain.dump()), "weights": cfg.MODEL.WEIGHTS,
-        "weights_sha256": sha256_file(weights),
-    }
-
-
-def _check_model(cfg) -> RegionOutputs:
-    """What the model of ``cfg`` emits, once it is known to give region features."""
-    region_features_node(cfg)
-    try:
-        head = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
-    except KeyError:
-        raise ExtractionError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} is not registered")
-    if not issubclass(head, RegionFeatureHeadsMixin):
-        raise ExtractionError(
-            f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME}, which gives no region features; "
-            "use a Feature head (merge configs/region_features.yaml)"
-        )
-    return _region_outputs(cfg)
+        config = self.model_config
+        return ImageDataset(items, config.input_format, config.test_transform())
 
 
 def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, image_root=None,
@@ -125,7 +72,8 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     initial manifest there).
 
     Args:
-        cfg: the frozen config of the model.
+        cfg: the model's :class:`ModelConfig`, or a yacs ``CfgNode`` (made one by
+            :func:`.model_config.as_model_config`, plain heads enabled).
         source, image_root, limit, id_mode: what to extract and its ids, see
             :func:`inputs.list_inputs`.
         formats: names in :data:`formats.WRITERS`.
@@ -148,11 +96,12 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
             formats = check_formats(formats)
         except ValueError as e:
             raise ExtractionError(str(e))
-    emits = _check_model(cfg)
+    model_config = as_model_config(cfg)
+    emits = _region_outputs(model_config)
     if not shard_run:
         _check_needs(emits, formats)
-    names = vocabularies(cfg)
-    identity = config_identity(cfg)
+    names = model_config.vocabularies()
+    identity = model_config.identity()
     if shard_run:
         shards, _, _ = select_shards(plan_shards(source, shard_size, image_root, id_mode, limit),
                                      shard_index, num_shards)
@@ -162,7 +111,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
             class_names=names.class_names, versions=package_versions(),
         ), resume, shared=True, name=SHARDS_MANIFEST)
         return ExtractionJob(
-            cfg=cfg, items=[], output_dir=output_dir, formats=["npz"], emits=emits, names=names,
+            model_config=model_config, items=[], output_dir=output_dir, formats=["npz"], emits=emits, names=names,
             shards=shards, id_field=id_field, limit=limit,
             complete=all(is_complete(output_dir, s.name) for s in shards), **options
         )
@@ -176,8 +125,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "complete": False,
-        "config": cfg.dump(),
-        **identity,
+        **model_config.manifest_entries(),
         "formats": formats,
         "format_versions": {f: WRITERS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
@@ -195,18 +143,18 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         manifest["class_names_missing"] = NO_NAMES_HINT
     complete = claim and RunFolder(output_dir, formats).claim(manifest, resume)
     return ExtractionJob(
-        cfg=cfg, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
+        model_config=model_config, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
         complete=complete, **options
     )
 
 
-def _region_outputs(cfg) -> RegionOutputs:
+def _region_outputs(model_config: ModelConfig) -> RegionOutputs:
     """
-    What the model of ``cfg`` emits, asked of it built once on the CPU without its weights
-    (what it emits does not depend on them): a second or two, before any process starts.
+    What the model emits, asked of it built once on the CPU without its weights (what it
+    emits does not depend on them): a second or two, before any process starts.
     """
     try:
-        return region_outputs(build_extraction_model(cfg, weights=False, device="cpu"))
+        return region_outputs(model_config.build_model("cpu"))
     except ValueError as e:
         raise ExtractionError(one_line(e))
 
@@ -222,8 +170,6 @@ def _check_needs(emits: RegionOutputs, formats):
             raise ExtractionError(
                 f"--format {fmt} holds regions, which MODEL.REGION_FEATURES.GRID.ONLY does not make"
             )
-
-
 
 
 def finish(job: ExtractionJob, world_size: int):

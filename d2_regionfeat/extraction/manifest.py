@@ -15,6 +15,8 @@ MANIFEST_VERSION = 1
 # Manifest keys that must match for --resume to continue a folder, with their names in errors.
 IDENTITY_KEYS = {
     "config_sha256": "config",
+    "config_text": "config file",
+    "config_overrides": "config overrides",
     "weights_sha256": "weights",
     "formats": "--format",
     "fp16": "--fp16",

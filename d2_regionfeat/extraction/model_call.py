@@ -13,30 +13,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-
 from ..formats.grid import grid_record
 from ..formats.records import GRID_KEYS, REGION_SPEC, RecordKey, image_record
 from ..modeling.outputs import RegionOutputs
 from .inputs import one_line
+from .model_config import as_model_config
 
 logger = logging.getLogger(__name__)
-
-
-def build_extraction_model(cfg, weights: bool = True, device: Optional[str] = None):
-    """
-    The one place a run builds its model: ``cfg``'s model in eval mode, on ``device`` (default
-    ``MODEL.DEVICE``), with ``MODEL.WEIGHTS`` loaded unless ``weights`` is False.
-    """
-    if device is not None:
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.DEVICE = device
-    model = build_model(cfg).eval()
-    if weights:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model
 
 
 def emitted(key: RecordKey, emits: RegionOutputs) -> bool:
@@ -66,7 +49,10 @@ class BatchExtractor:
     """
 
     def __init__(self, cfg, fp16=False, amp=False):
-        self.model = build_extraction_model(cfg)
+        """``cfg``: the run's :class:`~.model_config.ModelConfig`, or a yacs ``CfgNode``."""
+        model_config = as_model_config(cfg)
+        self.model = model_config.build_model()
+        model_config.load_weights(self.model)
         self.divisibility = max(1, self.model.backbone.size_divisibility)
         self.fp16 = fp16
         device = self.model.device.type

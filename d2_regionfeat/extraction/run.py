@@ -90,6 +90,11 @@ def check_formats(formats: Sequence[str]) -> List[str]:
     return formats
 
 
+def format_names(words: Sequence[str]) -> List[str]:
+    """The layout names of ``--format`` words, each a name or a comma list of names."""
+    return [f for word in words for f in word.split(",") if f]
+
+
 def check_ids(formats: Sequence[str], image_ids: Sequence[str]):
     """
     Check that every layout can store every image id, and that no two images get the same

@@ -59,6 +59,16 @@ class RegionPredictor(DefaultPredictor):
         super().__init__(cfg)
         self.aug = build_test_transform(cfg)
 
+    @classmethod
+    def of_model(cls, model, input_format: str, aug) -> "RegionPredictor":
+        """
+        The predictor of a model already built (a LazyConfig's; eval mode, weights loaded),
+        its images in ``input_format`` ("BGR" or "RGB"), resized by the augmentation ``aug``.
+        """
+        predictor = cls.__new__(cls)
+        predictor.model, predictor.input_format, predictor.aug = model, input_format, aug
+        return predictor
+
     def __call__(self, original_image: np.ndarray, boxes: Optional[np.ndarray] = None):
         """
         Args:
