@@ -125,16 +125,6 @@ def grid_node(cfg):
         )
     if not isinstance(node.FEATURE, str) or not node.FEATURE:
         raise ValueError(f"MODEL.REGION_FEATURES.GRID.FEATURE must name a map; got {node.FEATURE!r}")
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    from .meta_arch import RegionFeatureRCNN  # it imports this module
-
-    meta_arch = cfg.MODEL.META_ARCHITECTURE
-    if not issubclass(META_ARCH_REGISTRY.get(meta_arch), RegionFeatureRCNN):
-        raise ValueError(
-            f'MODEL.REGION_FEATURES.GRID.ENABLED needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" '
-            f"(or a subclass); got {meta_arch!r}"
-        )
     return node
 
 

@@ -110,10 +110,9 @@ class RegionSelection:
         """
         if self.selection == "butd":
             if self._output_shapes is None:
-                raise RuntimeError(
-                    'MODEL.REGION_FEATURES.SELECTION "butd" needs the original image sizes: use '
-                    'MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'
-                )
+                from .meta_arch import needs_region_rcnn_message, region_rcnn_setting  # it imports this module
+
+                raise RuntimeError(needs_region_rcnn_message(region_rcnn_setting("butd"), "a model that did not say"))
             return select_butd(
                 probs, proposal_boxes, image_size, self._output_shapes[index], self.conf_thresh,
                 max(self.min_boxes, self.min_regions), max(self.max_boxes, self.min_regions),
