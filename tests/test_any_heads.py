@@ -577,3 +577,24 @@ def test_lazy_model_zoo_model_gives_region_features_with_plain_detections():
         assert torch.equal(e.pred_boxes.tensor, g.pred_boxes.tensor)
         assert torch.equal(e.scores, g.scores)
         assert torch.equal(g.box_features, rows[g.proposal_index])
+
+
+def test_heads_keeping_their_predictor_take_every_selection_setting():
+    """
+    One reading of the config's selection settings (config.region_selection_settings) for the
+    Feature predictor and for heads whose own predictor is kept (issue 24 bug 11: the heads'
+    copy lacked MODEL.VINVL's NMS, so "vinvl" selection ran torchvision's NMS at 0.3 there).
+    """
+    from d2_regionfeat.modeling.predictor import RegionSettings
+
+    settings = dict(selection="vinvl", conf_thresh=0.1, min_boxes=3, max_boxes=7, min_regions=2)
+    cfg = head_cfg("DeticLikeCascadeROIHeads", **settings)
+    cfg.MODEL.VINVL.NMS_THRESH, cfg.MODEL.VINVL.NMS_IOU = 0.45, "legacy_ge"
+    heads = build(cfg, wild=True).roi_heads
+    kept = heads.region_selection
+    assert isinstance(kept, RegionSettings)  # the heads' own predictor is kept
+    assert kept.vinvl_nms == (0.45, "legacy_ge")
+    assert (kept.selection, kept.conf_thresh, kept.min_boxes, kept.max_boxes, kept.min_regions) == (
+        "vinvl", 0.1, 3, 7, 2)
+    stock = build(head_cfg("UserROIHeads", **settings), wild=True).roi_heads.region_selection
+    assert isinstance(stock, FeatureFastRCNNOutputLayers) and stock.vinvl_nms == (0.3, "torchvision")

@@ -276,6 +276,21 @@ GRID_FEATS_ATTRIBUTE_KEYS = {
 }
 
 
+def region_selection_settings(cfg) -> dict:
+    """
+    The region-selection settings of ``cfg``, as the arguments of every holder of a selection
+    (:class:`~d2_regionfeat.modeling.predictor.FeatureFastRCNNOutputLayers`, and the
+    ``region_selection`` of heads whose own predictor is kept): ``MODEL.REGION_FEATURES``'s
+    and ``MODEL.VINVL``'s NMS, checked.
+    """
+    node, vinvl = region_features_node(cfg), vinvl_node(cfg)
+    return {
+        "selection": node.SELECTION, "class_probs": node.CLASS_PROBS, "conf_thresh": node.CONF_THRESH,
+        "min_boxes": node.MIN_BOXES, "max_boxes": node.MAX_BOXES, "region_box": node.BOX,
+        "min_regions": node.MIN_REGIONS, "vinvl_nms": (vinvl.NMS_THRESH, vinvl.NMS_IOU),
+    }
+
+
 def _attribute_keys(cfg):
     """
     ``MODEL.ROI_ATTRIBUTE_HEAD`` in our spelling (a copy), whichever of ours and

@@ -41,7 +41,7 @@ from detectron2.structures import Boxes, Instances
 
 from .attributes import attribute_fields
 from .checkpoint import register_checkpoint_conversion
-from .config import check_region_settings, region_features_node
+from .config import check_region_settings, region_features_node, region_selection_settings
 from .meta_arch import check_config_meta_architecture
 from .outputs import RegionOutputs
 from .predictor import FeatureFastRCNNOutputLayers, RegionSelection, RegionSettings, feature_predictor_like
@@ -213,11 +213,7 @@ class RegionFeatureHeadsMixin:
         if isinstance(cfg, CfgNode):
             node = region_features_node(cfg)
             region_source, pool_at, source_module = node.SOURCE, node.POOL_AT, node.SOURCE_MODULE
-            region_selection = {
-                "selection": node.SELECTION, "class_probs": node.CLASS_PROBS,
-                "conf_thresh": node.CONF_THRESH, "min_boxes": node.MIN_BOXES,
-                "max_boxes": node.MAX_BOXES, "region_box": node.BOX, "min_regions": node.MIN_REGIONS,
-            }
+            region_selection = region_selection_settings(cfg)
             check_config_meta_architecture(cfg)
             register_vocabularies(cfg)
         check_region_settings(region_source=region_source, pool_at=pool_at)
