@@ -4,6 +4,9 @@ Region features from any ROI heads: stand-ins that restate each pattern of real 
 predictor, DensePose's extra head, a lab's own subclass), the contract errors, SOURCE_MODULE,
 and enable_region_features on yacs and LazyConfig configs.
 """
+import os
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from torch import nn
 from detectron2 import model_zoo
 from detectron2.config import LazyConfig, configurable, instantiate
 from detectron2.layers import ShapeSpec, batched_nms
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import (
     ROI_HEADS_REGISTRY,
@@ -454,7 +458,7 @@ def test_settings_are_checked_at_construction():
             ShapeSpec(channels=8), box2box_transform=Box2BoxTransform((1.0, 1.0, 1.0, 1.0)),
             num_classes=2, selection="butd_typo",
         )
-    with pytest.raises(ValueError, match='"butd" needs the original image sizes'):
+    with pytest.raises(ValueError, match='"butd" .* needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'):
         cfg = head_cfg("UserROIHeads", selection="butd")
         cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
         build(cfg, wild=True)
@@ -511,6 +515,48 @@ def test_enable_region_features_on_lazy_configs():
     assert cascade.model.roi_heads.box_predictors[0]._target_ is FastRCNNOutputLayers
 
 
+class LabRCNN(GeneralizedRCNN):
+    """A lab's own meta-architecture (not a RegionFeatureRCNN)."""
+
+
+class LabPredictor(FastRCNNOutputLayers):
+    """A lab's own box predictor (kept by the heads as it is)."""
+
+
+def test_one_meta_architecture_rule_for_yacs_and_lazy_configs():
+    """
+    "butd" selection needs RegionFeatureRCNN (issue 24 bug 10): enable_region_features switches
+    a plain GeneralizedRCNN in a LazyConfig as in a yacs config, and a LazyConfig model that
+    cannot give it fails when it is built (the tools' ModelConfig), not at its first image.
+    """
+    from d2_regionfeat.extraction.model_config import ConfigError, load_model_config
+    from d2_regionfeat.modeling.meta_arch import RegionFeatureRCNN
+
+    cfg = LazyConfig.load(model_zoo.get_config_file("common/models/mask_rcnn_fpn.py"))
+    assert enable_region_features(cfg).model._target_ is GeneralizedRCNN  # detections: left alone
+    butd = enable_region_features(cfg)
+    butd.model.roi_heads.box_predictor.selection = "butd"
+    assert enable_region_features(butd).model._target_ is RegionFeatureRCNN
+    cfg.model.roi_heads.box_predictor._target_ = LabPredictor  # kept: the heads' region_selection rules
+    cfg.model.roi_heads.region_selection = {"selection": "butd"}
+    assert enable_region_features(cfg).model._target_ is RegionFeatureRCNN
+
+    narrow = _narrow_lazy(LazyConfig.load(model_zoo.get_config_file("common/models/mask_rcnn_fpn.py")))
+    narrow.model._target_ = LabRCNN
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "lab.yaml")
+        LazyConfig.save(narrow, path)
+        config = load_model_config(path, ["region_features.selection=butd"], device="cpu")
+        with pytest.raises(ValueError, match='"butd" .* needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" .*got LabRCNN'):
+            config.build_model()
+        yacs = make_cfg("fpn")
+        yacs.MODEL.REGION_FEATURES.SELECTION = "butd"
+        yacs.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+        with pytest.raises(ValueError, match='"butd" .* needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" .*got GeneralizedRCNN'):
+            build_tamed(yacs, wild=True)
+    assert issubclass(ConfigError, ValueError)
+
+
 def test_lazy_model_zoo_model_gives_region_features_with_plain_detections():
     cfg = _narrow_lazy(LazyConfig.load(model_zoo.get_config_file("common/models/mask_rcnn_fpn.py")))
     torch.manual_seed(0)
@@ -531,3 +577,24 @@ def test_lazy_model_zoo_model_gives_region_features_with_plain_detections():
         assert torch.equal(e.pred_boxes.tensor, g.pred_boxes.tensor)
         assert torch.equal(e.scores, g.scores)
         assert torch.equal(g.box_features, rows[g.proposal_index])
+
+
+def test_heads_keeping_their_predictor_take_every_selection_setting():
+    """
+    One reading of the config's selection settings (config.region_selection_settings) for the
+    Feature predictor and for heads whose own predictor is kept (issue 24 bug 11: the heads'
+    copy lacked MODEL.VINVL's NMS, so "vinvl" selection ran torchvision's NMS at 0.3 there).
+    """
+    from d2_regionfeat.modeling.predictor import RegionSettings
+
+    settings = dict(selection="vinvl", conf_thresh=0.1, min_boxes=3, max_boxes=7, min_regions=2)
+    cfg = head_cfg("DeticLikeCascadeROIHeads", **settings)
+    cfg.MODEL.VINVL.NMS_THRESH, cfg.MODEL.VINVL.NMS_IOU = 0.45, "legacy_ge"
+    heads = build(cfg, wild=True).roi_heads
+    kept = heads.region_selection
+    assert isinstance(kept, RegionSettings)  # the heads' own predictor is kept
+    assert kept.vinvl_nms == (0.45, "legacy_ge")
+    assert (kept.selection, kept.conf_thresh, kept.min_boxes, kept.max_boxes, kept.min_regions) == (
+        "vinvl", 0.1, 3, 7, 2)
+    stock = build(head_cfg("UserROIHeads", **settings), wild=True).roi_heads.region_selection
+    assert isinstance(stock, FeatureFastRCNNOutputLayers) and stock.vinvl_nms == (0.3, "torchvision")

@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 
 from d2_regionfeat.data.synthetic import CLASSES
 from d2_regionfeat.default_model import get_default_model_cfg
@@ -75,3 +76,27 @@ def test_demo_main_on_two_images(tmp_path, monkeypatch, capsys):
     with Image.open(tmp_path / "out" / "overview.png") as overview:
         assert overview.size[0] > 100 and overview.size[1] > 100
     assert "Wrote 2 feature files" in capsys.readouterr().out
+
+
+def test_vinvl_labelmap_names_reach_every_tool_before_the_model_is_built(tmp_path):
+    """
+    MODEL.VINVL.LABELMAP is read with the other names files (modeling/vocabulary.py), so the
+    tools, which ask for the names before they build the model (explain_detections, demo, the
+    manifest of extract_net), get its words rather than ``class_<i>``.
+    """
+    from d2_regionfeat.extraction.model_config import load_model_config
+    from test_vinvl_model import A, K, narrow_cfg
+
+    labelmap = {"label_to_idx": {f"thing{i}": i + 1 for i in range(K)},
+                "attribute_to_idx": {f"colour{i}": i + 1 for i in range(A)}}
+    (tmp_path / "labelmap.json").write_text(json.dumps(labelmap))
+    cfg = narrow_cfg()
+    cfg.MODEL.VINVL.LABELMAP = str(tmp_path / "labelmap.json")
+    (tmp_path / "vinvl.yaml").write_text(cfg.dump())
+    names = load_model_config(str(tmp_path / "vinvl.yaml")).vocabularies()
+    assert names.class_names == [f"thing{i}" for i in range(K)]
+    assert names.attribute_names == [f"colour{i}" for i in range(A)]
+    assert names.class_name(1) == "thing1"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = K + 1
+    with pytest.raises(ValueError, match=f"MODEL.VINVL.LABELMAP .* holds {K} thing_classes; the model has {K + 1}"):
+        vocabularies(cfg)

@@ -10,7 +10,7 @@ from d2_regionfeat.formats import WRITERS
 from d2_regionfeat.io import read_features
 from d2_regionfeat.modeling.vocabulary import Vocabularies
 from d2_regionfeat.formats.records import spatial6
-from d2_regionfeat.modeling.vinvl import read_labelmap
+from d2_regionfeat.modeling.vocabulary import read_labelmap
 
 
 def records():

@@ -36,9 +36,9 @@ from detectron2.utils.file_io import PathManager
 
 from ..data.transforms import AugmentationChain, build_test_transform
 from ..modeling.config import check_region_settings
-from ..modeling.enable import enable_region_features
+from ..modeling.enable import enable_region_features, locate_target
 from ..modeling.given_boxes import RegionPredictor
-from ..modeling.meta_arch import RegionFeatureRCNN
+from ..modeling.meta_arch import check_built_model
 from ..modeling.predictor import FeatureFastRCNNOutputLayers
 from ..modeling.vocabulary import Vocabularies, vocabularies
 from .inputs import one_line
@@ -195,7 +195,9 @@ class ModelConfig:
             cfg.defrost()
             cfg.MODEL.DEVICE = device
             return build_model(cfg).eval()
-        return instantiate(copy.deepcopy(self.cfg.model)).to(device).eval()
+        model = instantiate(copy.deepcopy(self.cfg.model)).to(device).eval()
+        check_built_model(model)  # a LazyConfig's heads cannot see their meta-architecture
+        return model
 
     def predictor(self) -> RegionPredictor:
         """A :class:`RegionPredictor` of the model with its weights, on its device."""
@@ -424,6 +426,7 @@ def _load_lazy(path, text, overrides, weights, device):
         check_region_settings(**{k: v for k, v in settings.items() if k not in ("class_probs", "source_module", "num_attributes", "score_thresh")})
         cfg = enable_region_features(cfg)
         _apply_lazy_settings(cfg.model, settings)
+        cfg = enable_region_features(cfg)  # again: the meta-architecture the settings need
     except ValueError as e:
         raise ConfigError(one_line(e).split(": ", 1)[1])
     changes = _changes(before, _lazy_flat(cfg))
@@ -448,7 +451,7 @@ def _apply_lazy_settings(model, settings):
     """Put the ``region_features`` settings into the enabled LazyConfig ``model``."""
     heads = model.roi_heads
     predictor = heads.box_predictors[-1] if "box_predictors" in heads else heads.get("box_predictor")
-    feature_predictor = predictor is not None and _located(predictor.get("_target_")) is FeatureFastRCNNOutputLayers
+    feature_predictor = predictor is not None and locate_target(predictor.get("_target_")) is FeatureFastRCNNOutputLayers
     for key, value in settings.items():
         if key in _HEAD_KEYS:
             heads[key] = value
@@ -463,17 +466,6 @@ def _apply_lazy_settings(model, settings):
             )
         else:
             heads.region_selection = dict(heads.get("region_selection") or {}, **{key: value})
-    selection = predictor.get("selection") if feature_predictor else (heads.get("region_selection") or {}).get("selection")
-    if selection == "butd" and _located(model._target_) is GeneralizedRCNN:
-        model._target_ = RegionFeatureRCNN  # "butd" selection needs the original image sizes
-
-
-def _located(target):
-    if isinstance(target, str):
-        from detectron2.utils.registry import locate
-
-        return locate(target)
-    return target
 
 
 def _lazy_input_format(cfg) -> str:

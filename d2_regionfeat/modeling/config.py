@@ -125,16 +125,6 @@ def grid_node(cfg):
         )
     if not isinstance(node.FEATURE, str) or not node.FEATURE:
         raise ValueError(f"MODEL.REGION_FEATURES.GRID.FEATURE must name a map; got {node.FEATURE!r}")
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    from .meta_arch import RegionFeatureRCNN  # it imports this module
-
-    meta_arch = cfg.MODEL.META_ARCHITECTURE
-    if not issubclass(META_ARCH_REGISTRY.get(meta_arch), RegionFeatureRCNN):
-        raise ValueError(
-            f'MODEL.REGION_FEATURES.GRID.ENABLED needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" '
-            f"(or a subclass); got {meta_arch!r}"
-        )
     return node
 
 
@@ -284,6 +274,21 @@ GRID_FEATS_ATTRIBUTE_KEYS = {
     "FC_DIM": "HIDDEN_DIM",
     "LOSS_WEIGHT": "LOSS_WEIGHT",
 }
+
+
+def region_selection_settings(cfg) -> dict:
+    """
+    The region-selection settings of ``cfg``, as the arguments of every holder of a selection
+    (:class:`~d2_regionfeat.modeling.predictor.FeatureFastRCNNOutputLayers`, and the
+    ``region_selection`` of heads whose own predictor is kept): ``MODEL.REGION_FEATURES``'s
+    and ``MODEL.VINVL``'s NMS, checked.
+    """
+    node, vinvl = region_features_node(cfg), vinvl_node(cfg)
+    return {
+        "selection": node.SELECTION, "class_probs": node.CLASS_PROBS, "conf_thresh": node.CONF_THRESH,
+        "min_boxes": node.MIN_BOXES, "max_boxes": node.MAX_BOXES, "region_box": node.BOX,
+        "min_regions": node.MIN_REGIONS, "vinvl_nms": (vinvl.NMS_THRESH, vinvl.NMS_IOU),
+    }
 
 
 def _attribute_keys(cfg):

@@ -2,10 +2,12 @@
 import copy
 
 from detectron2.config import CfgNode
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
 from .config import region_features_node
+from .meta_arch import RegionFeatureRCNN, region_rcnn_setting
 from .predictor import FeatureFastRCNNOutputLayers
 from .region_heads import RegionFeatureHeadsMixin, region_feature_heads
 
@@ -16,12 +18,13 @@ def enable_region_features(cfg):
 
     * yacs ``CfgNode``: ``MODEL.ROI_HEADS.NAME`` becomes ``FeatureROIHeads`` and
       ``MODEL.REGION_FEATURES.BASE_ROI_HEADS`` the head it named (any name in
-      ``ROI_HEADS_REGISTRY``); with ``SELECTION: butd`` a plain ``GeneralizedRCNN`` becomes
-      ``RegionFeatureRCNN``.
+      ``ROI_HEADS_REGISTRY``); with ``SELECTION: butd`` or ``GRID.ENABLED`` a plain
+      ``GeneralizedRCNN`` becomes ``RegionFeatureRCNN``.
     * LazyConfig (an omegaconf ``DictConfig`` with ``model.roi_heads``): ``_target_`` of
       ``model.roi_heads`` becomes the region-feature version of its class, every argument
       kept; a stock ``FastRCNNOutputLayers`` predictor (the last stage's of a cascade)
-      becomes ``FeatureFastRCNNOutputLayers``, same arguments.
+      becomes ``FeatureFastRCNNOutputLayers``, same arguments; with ``selection="butd"`` a
+      plain ``GeneralizedRCNN`` ``model._target_`` becomes ``RegionFeatureRCNN``.
 
     A config that already gives region features comes back unchanged (as a copy).
 
@@ -42,12 +45,14 @@ def _enable_yacs(cfg):
     if not issubclass(head, RegionFeatureHeadsMixin):
         cfg.MODEL.ROI_HEADS.NAME = "FeatureROIHeads"
         cfg.MODEL.REGION_FEATURES.BASE_ROI_HEADS = name
-    if region_features_node(cfg).SELECTION == "butd" and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+    node = region_features_node(cfg)
+    if region_rcnn_setting(node.SELECTION, node.GRID.ENABLED) and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
         cfg.MODEL.META_ARCHITECTURE = "RegionFeatureRCNN"
     return cfg
 
 
-def _located(target):
+def locate_target(target):
+    """A LazyConfig ``_target_`` as the object it names (a dotted string located; else itself)."""
     if isinstance(target, str):
         from detectron2.utils.registry import locate
 
@@ -59,11 +64,22 @@ def _enable_lazy(cfg):
     heads = cfg.get("model", {}).get("roi_heads") if hasattr(cfg, "get") else None
     if heads is None or "_target_" not in heads:
         raise ValueError("the LazyConfig has no model.roi_heads._target_ to give region features")
-    heads._target_ = region_feature_heads(_located(heads._target_))
+    heads._target_ = region_feature_heads(locate_target(heads._target_))
     for key in ("box_predictor", "box_predictors"):
         if key not in heads:
             continue
         node = heads[key][-1] if key == "box_predictors" else heads[key]
-        if hasattr(node, "keys") and "_target_" in node and _located(node._target_) is FastRCNNOutputLayers:
+        if hasattr(node, "keys") and "_target_" in node and locate_target(node._target_) is FastRCNNOutputLayers:
             node._target_ = FeatureFastRCNNOutputLayers
+    if region_rcnn_setting(_lazy_selection(heads)) and locate_target(cfg.model.get("_target_")) is GeneralizedRCNN:
+        cfg.model._target_ = RegionFeatureRCNN
     return cfg
+
+
+def _lazy_selection(heads) -> str:
+    """The selection of LazyConfig ROI heads: their Feature predictor's, else their ``region_selection``'s."""
+    predictors = heads.get("box_predictors") or [heads.get("box_predictor")]
+    predictor = predictors[-1]
+    if hasattr(predictor, "keys") and locate_target(predictor.get("_target_")) is FeatureFastRCNNOutputLayers:
+        return predictor.get("selection", "detections")
+    return (heads.get("region_selection") or {}).get("selection", "detections")

@@ -1,4 +1,9 @@
-"""A GeneralizedRCNN whose box predictor knows each image's original size at inference."""
+"""
+A GeneralizedRCNN whose box predictor knows each image's original size at inference, and the
+one rule of which settings need it (:func:`check_meta_architecture`): asked by the heads at
+build (yacs), by ``enable_region_features`` (which switches a plain ``GeneralizedRCNN``), by
+the tools once a LazyConfig's model is built, and by the "butd" selection at run time.
+"""
 from typing import Optional
 
 from detectron2.config import configurable
@@ -53,3 +58,46 @@ class RegionFeatureRCNN(GeneralizedRCNN):
             (x.get("height", x["image"].shape[-2]), x.get("width", x["image"].shape[-1]))
             for x in batched_inputs
         ]
+
+
+def region_rcnn_setting(selection: str = "detections", grid: bool = False) -> Optional[str]:
+    """
+    The setting that needs :class:`RegionFeatureRCNN` (as errors name it), or None: "butd"
+    selection (its NMS runs in original image pixels) and the grid (attached by it).
+    """
+    if selection == "butd":
+        return 'MODEL.REGION_FEATURES.SELECTION "butd" (its NMS runs in original image pixels)'
+    if grid:
+        return "MODEL.REGION_FEATURES.GRID.ENABLED"
+    return None
+
+
+def needs_region_rcnn_message(setting: str, got: str) -> str:
+    """The one-line error of a meta-architecture that lacks what ``setting`` needs."""
+    return (
+        f'{setting} needs MODEL.META_ARCHITECTURE "RegionFeatureRCNN" or a subclass (a LazyConfig: '
+        f"model._target_ RegionFeatureRCNN; enable_region_features switches a plain GeneralizedRCNN); got {got}"
+    )
+
+
+def check_meta_architecture(meta_arch: type, selection: str = "detections", grid: bool = False):
+    """
+    Raise ValueError (:func:`needs_region_rcnn_message`) when the class ``meta_arch`` is not a
+    :class:`RegionFeatureRCNN` and ``selection`` or ``grid`` need one.
+    """
+    setting = region_rcnn_setting(selection, grid)
+    if setting and not issubclass(meta_arch, RegionFeatureRCNN):
+        raise ValueError(needs_region_rcnn_message(setting, meta_arch.__name__))
+
+
+def check_config_meta_architecture(cfg):
+    """:func:`check_meta_architecture` of a yacs config (``MODEL.META_ARCHITECTURE``, registered)."""
+    node = cfg.MODEL.REGION_FEATURES
+    check_meta_architecture(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), node.SELECTION, node.GRID.ENABLED)
+
+
+def check_built_model(model):
+    """:func:`check_meta_architecture` of a built model (its region heads' selection)."""
+    selection = getattr(getattr(model, "roi_heads", None), "region_selection", None)
+    if selection is not None:
+        check_meta_architecture(type(model), selection.selection)

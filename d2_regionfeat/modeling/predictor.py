@@ -13,7 +13,7 @@ from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
 from .attributes import attribute_fields, attribute_logits, attribute_loss, gt_attribute_rows
-from .config import attribute_head_node, check_region_settings, region_features_node, vinvl_node
+from .config import attribute_head_node, check_region_settings, region_features_node, region_selection_settings
 from .selection import select_butd, select_detections, select_regions, select_vinvl
 
 ROI_BOX_PREDICTOR_REGISTRY = Registry("ROI_BOX_PREDICTOR")
@@ -110,10 +110,9 @@ class RegionSelection:
         """
         if self.selection == "butd":
             if self._output_shapes is None:
-                raise RuntimeError(
-                    'MODEL.REGION_FEATURES.SELECTION "butd" needs the original image sizes: use '
-                    'MODEL.META_ARCHITECTURE "RegionFeatureRCNN"'
-                )
+                from .meta_arch import needs_region_rcnn_message, region_rcnn_setting  # it imports this module
+
+                raise RuntimeError(needs_region_rcnn_message(region_rcnn_setting("butd"), "a model that did not say"))
             return select_butd(
                 probs, proposal_boxes, image_size, self._output_shapes[index], self.conf_thresh,
                 max(self.min_boxes, self.min_regions), max(self.max_boxes, self.min_regions),
@@ -248,17 +247,7 @@ class FeatureFastRCNNOutputLayers(RegionSelection, FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        node = region_features_node(cfg)
-        ret.update(
-            selection=node.SELECTION,
-            class_probs=node.CLASS_PROBS,
-            conf_thresh=node.CONF_THRESH,
-            min_boxes=node.MIN_BOXES,
-            max_boxes=node.MAX_BOXES,
-            region_box=node.BOX,
-            min_regions=node.MIN_REGIONS,
-            vinvl_nms=(vinvl_node(cfg).NMS_THRESH, cfg.MODEL.VINVL.NMS_IOU),
-        )
+        ret.update(region_selection_settings(cfg))
         attributes = attribute_head_node(cfg)
         if attributes is not None:
             ret.update(

@@ -41,7 +41,8 @@ from detectron2.structures import Boxes, Instances
 
 from .attributes import attribute_fields
 from .checkpoint import register_checkpoint_conversion
-from .config import check_region_settings, region_features_node
+from .config import check_region_settings, region_features_node, region_selection_settings
+from .meta_arch import check_config_meta_architecture
 from .outputs import RegionOutputs
 from .predictor import FeatureFastRCNNOutputLayers, RegionSelection, RegionSettings, feature_predictor_like
 from .vocabulary import register_vocabularies
@@ -212,12 +213,8 @@ class RegionFeatureHeadsMixin:
         if isinstance(cfg, CfgNode):
             node = region_features_node(cfg)
             region_source, pool_at, source_module = node.SOURCE, node.POOL_AT, node.SOURCE_MODULE
-            region_selection = {
-                "selection": node.SELECTION, "class_probs": node.CLASS_PROBS,
-                "conf_thresh": node.CONF_THRESH, "min_boxes": node.MIN_BOXES,
-                "max_boxes": node.MAX_BOXES, "region_box": node.BOX, "min_regions": node.MIN_REGIONS,
-            }
-            _check_meta_architecture(cfg, node)
+            region_selection = region_selection_settings(cfg)
+            check_config_meta_architecture(cfg)
             register_vocabularies(cfg)
         check_region_settings(region_source=region_source, pool_at=pool_at)
         super().__init__(*args, **kwargs)
@@ -448,22 +445,6 @@ class RegionFeatureHeadsMixin:
             if attr_probs_i is not None:
                 for name, value in attribute_fields(attr_probs_i).items():
                     x.set(name, value)
-
-
-def _check_meta_architecture(cfg, node):
-    """"butd" selection needs the original image sizes, which RegionFeatureRCNN gives."""
-    if node.SELECTION != "butd":
-        return
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    from .meta_arch import RegionFeatureRCNN
-
-    meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    if not issubclass(meta_arch, RegionFeatureRCNN):
-        raise ValueError(
-            'MODEL.REGION_FEATURES.SELECTION "butd" needs the original image sizes: use '
-            f'MODEL.META_ARCHITECTURE "RegionFeatureRCNN" (got {cfg.MODEL.META_ARCHITECTURE!r})'
-        )
 
 
 _FEATURE_CLASSES = {}

@@ -25,14 +25,12 @@ ROIAlign with ``aligned=False`` is detectron2's ``ROI_BOX_HEAD.POOLER_TYPE: "ROI
 background first in the class rows is the checkpoint conversion's business
 (:mod:`d2_regionfeat.modeling.ports.vinvl`).
 """
-import json
 import warnings
 
 import numpy as np
 import torch
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY
@@ -40,7 +38,6 @@ from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, Defa
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.file_io import PathManager
 
 from ..data.transforms import build_test_transform
 from .attributes import vinvl_attribute_fields
@@ -225,51 +222,6 @@ def rescale_boxes(instances, height, width):
     return out
 
 
-def read_labelmap(path):
-    """
-    Class and attribute names of a scene_graph_benchmark labelmap
-    (``VG-SGG-dicts-vgoi6-clipped.json``): ``label_to_idx`` / ``attribute_to_idx``, 1-based
-    (0 is background / "no attribute"), as 0-based lists.
-
-    Raises:
-        ValueError: unreadable file, missing key, or indexes that are not 1..N (one line).
-    """
-    try:
-        with PathManager.open(path, "r") as f:
-            labelmap = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read VinVL labelmap {path!r}: {e}") from None
-    names = []
-    for key in ("label_to_idx", "attribute_to_idx"):
-        if not isinstance(labelmap.get(key), dict):
-            raise ValueError(f"VinVL labelmap {path!r} has no {key!r} mapping")
-        order = sorted(labelmap[key].items(), key=lambda item: int(item[1]))
-        if [int(i) for _, i in order] != list(range(1, len(order) + 1)):
-            raise ValueError(f"VinVL labelmap {path!r}: {key} indexes are not 1..{len(order)}")
-        names.append([name for name, _ in order])
-    return tuple(names)
-
-
-def register_labelmap(cfg):
-    """
-    Put ``MODEL.VINVL.LABELMAP``'s names (when set) into the metadata of every dataset of
-    ``DATASETS.TEST`` as ``thing_classes`` and ``attribute_classes`` (the extraction's labels
-    column); their counts must be the model's.
-    """
-    path = cfg.MODEL.VINVL.LABELMAP
-    if not path:
-        return
-    classes, attributes = read_labelmap(path)
-    wanted = (cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES)
-    if len(classes) != wanted[0] or (cfg.MODEL.ATTRIBUTE_ON and len(attributes) != wanted[1]):
-        raise ValueError(
-            f"MODEL.VINVL.LABELMAP {path!r} names {len(classes)} classes and {len(attributes)} "
-            f"attributes; the model has {wanted[0]} and {wanted[1]}"
-        )
-    for dataset in cfg.DATASETS.TEST:
-        MetadataCatalog.get(dataset).set(thing_classes=classes, attribute_classes=attributes)
-
-
 @META_ARCH_REGISTRY.register()
 class VinVLRCNN(RegionFeatureRCNN):
     """
@@ -281,8 +233,8 @@ class VinVLRCNN(RegionFeatureRCNN):
       boxes (network-input pixels) and the selected classes;
     * output boxes rescaled to the original size only (``MODEL.VINVL.KEEP_EMPTY_BOXES``),
       not clipped, and regions of zero width or height kept;
-    * the names of ``MODEL.VINVL.LABELMAP`` in ``DATASETS.TEST``'s metadata
-      (:func:`register_labelmap`);
+    * the names of ``MODEL.VINVL.LABELMAP`` (read with the other names files by
+      :mod:`~d2_regionfeat.modeling.vocabulary`: runs, tools and ``DATASETS.TEST``'s metadata);
     * a warning, once, when an input was not resized by ``test_resize`` (the config's
       :func:`~d2_regionfeat.data.build_test_transform`): detectron2's ``DefaultPredictor``
       builds its own rounding resize, which gives a long side one pixel off VinVL's
@@ -307,7 +259,6 @@ class VinVLRCNN(RegionFeatureRCNN):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         node = vinvl_node(cfg)
-        register_labelmap(cfg)
         ret.update(legacy_frozen_bn=node.FROZEN_BN_NO_EPS, keep_empty_boxes=node.KEEP_EMPTY_BOXES,
                    test_resize=build_test_transform(cfg))
         attributes = cfg.MODEL.ROI_ATTRIBUTE_HEAD

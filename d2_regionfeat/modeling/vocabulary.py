@@ -1,8 +1,9 @@
 """
-Class and attribute names of a model: from its vocabulary files, else from detectron2's
-MetadataCatalog. :func:`vocabularies` is what a run, the explain tool and the demo ask, before
+Class and attribute names of a model: from its vocabulary files (or VinVL's labelmap), else
+from detectron2's MetadataCatalog. :func:`vocabularies` is what a run, the explain tool and the demo ask, before
 any model is built; :func:`register_vocabularies` puts the files' names into the catalog.
 """
+import json
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -53,22 +54,53 @@ def read_vocabulary(path: str) -> List[str]:
     return names
 
 
+def read_labelmap(path):
+    """
+    Class and attribute names of a scene_graph_benchmark labelmap
+    (``VG-SGG-dicts-vgoi6-clipped.json``): ``label_to_idx`` / ``attribute_to_idx``, 1-based
+    (0 is background / "no attribute"), as 0-based lists.
+
+    Raises:
+        ValueError: unreadable file, missing key, or indexes that are not 1..N (one line).
+    """
+    try:
+        with PathManager.open(path, "r") as f:
+            labelmap = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read VinVL labelmap {path!r}: {e}") from None
+    names = []
+    for key in ("label_to_idx", "attribute_to_idx"):
+        if not isinstance(labelmap.get(key), dict):
+            raise ValueError(f"VinVL labelmap {path!r} has no {key!r} mapping")
+        order = sorted(labelmap[key].items(), key=lambda item: int(item[1]))
+        if [int(i) for _, i in order] != list(range(1, len(order) + 1)):
+            raise ValueError(f"VinVL labelmap {path!r}: {key} indexes are not 1..{len(order)}")
+        names.append([name for name, _ in order])
+    return tuple(names)
+
+
 def _vocabulary_files(cfg):
-    """(catalog field, the file's names or None, count the model has) of classes, attributes."""
+    """
+    (key, catalog field, the file's names or None, count the model has) of classes, then
+    attributes: ``MODEL.REGION_FEATURES.CLASS_NAMES_FILE`` / ``ATTRIBUTE_NAMES_FILE``, else
+    ``MODEL.VINVL.LABELMAP`` (its attributes only where the model has an attribute head).
+    """
     node = region_features_node(cfg)
+    labelmap_path = cfg.MODEL.VINVL.LABELMAP
+    labelmap = read_labelmap(labelmap_path) if labelmap_path else (None, None)
     files = (
-        ("CLASS_NAMES_FILE", "thing_classes", cfg.MODEL.ROI_HEADS.NUM_CLASSES),
-        ("ATTRIBUTE_NAMES_FILE", "attribute_classes", cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES),
+        ("CLASS_NAMES_FILE", "thing_classes", cfg.MODEL.ROI_HEADS.NUM_CLASSES, labelmap[0]),
+        ("ATTRIBUTE_NAMES_FILE", "attribute_classes", cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES,
+         labelmap[1] if cfg.MODEL.ATTRIBUTE_ON else None),
     )
-    for key, field, expected in files:
-        names = None
+    for key, field, expected, labelmap_names in files:
+        source, names = f"MODEL.REGION_FEATURES.{key} {node[key]!r}", None
         if node[key]:
             names = read_vocabulary(node[key])
-            if len(names) != expected:
-                raise ValueError(
-                    f"MODEL.REGION_FEATURES.{key} {node[key]!r} holds {len(names)} names; the model "
-                    f"has {expected}"
-                )
+        elif labelmap_names is not None:
+            source, names = f"MODEL.VINVL.LABELMAP {labelmap_path!r}", labelmap_names
+        if names is not None and len(names) != expected:
+            raise ValueError(f"{source} holds {len(names)} {field}; the model has {expected}")
         yield key, field, names, expected
 
 
@@ -94,10 +126,11 @@ def vocabularies(cfg) -> Vocabularies:
 
 def register_vocabularies(cfg):
     """
-    Put the names of ``MODEL.REGION_FEATURES.CLASS_NAMES_FILE`` and ``ATTRIBUTE_NAMES_FILE``
-    (when set) into the metadata of every dataset of ``DATASETS.TEST``, as ``thing_classes``
-    and ``attribute_classes``. Their counts must be ``MODEL.ROI_HEADS.NUM_CLASSES`` and
-    ``MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES``.
+    Put the names of the model's files (:func:`vocabularies`' first source:
+    ``MODEL.REGION_FEATURES.CLASS_NAMES_FILE`` / ``ATTRIBUTE_NAMES_FILE``, or
+    ``MODEL.VINVL.LABELMAP``), when set, into the metadata of every dataset of
+    ``DATASETS.TEST``, as ``thing_classes`` and ``attribute_classes``. Their counts must be
+    ``MODEL.ROI_HEADS.NUM_CLASSES`` and ``MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES``.
     """
     for key, field, names, _ in _vocabulary_files(cfg):
         if names is None:
@@ -106,7 +139,7 @@ def register_vocabularies(cfg):
             metadata = MetadataCatalog.get(dataset)
             if metadata.get(field, names) != names:
                 raise ValueError(
-                    f"MODEL.REGION_FEATURES.{key}: dataset {dataset!r} already has other "
-                    f"{field} in MetadataCatalog"
+                    f"the model's {field} (from its names file) differ from those dataset {dataset!r} "
+                    "already has in MetadataCatalog"
                 )
             metadata.set(**{field: names})
