@@ -110,6 +110,34 @@ def test_batch_of_two_sizes_equals_single_images():
         assert from_batch["grid"]["image_size"] == single["grid"]["image_size"]
 
 
+@pytest.mark.equality
+def test_an_image_that_pads_differently_sees_the_batch_padding():
+    """
+    Exact in float64. A 130 x 170 image pads alone to 160 x 192 but in a batch with a
+    200 x 280 one to 224 x 288. What is equal: the larger image's grid (it pads alike); the
+    smaller one's cells and image size; and its grid in the batch equals its grid computed by
+    hand on it padded to the batch's 224 x 288. What is not: its grid alone, in every cell (the
+    cells' receptive fields reach the padded edge, where the batch has activations of the
+    padding and a lone image has the convolutions' zero padding).
+    """
+    model = build(grid_cfg("fpn", "p3"))
+    batch = [{"image": image(s, h, w)} for s, h, w in [(11, 200, 280), (13, 130, 170)]]
+    with torch.no_grad(), float64(model):
+        batched = model(float64_inputs(batch))
+        singles = [model(float64_inputs([x]))[0] for x in batch]
+        small = float64_inputs(batch)[1]
+        normalised = (small["image"].to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
+        padded = F.pad(normalised, (0, 288 - 170, 0, 224 - 130))  # the batch's padding, zeros
+        by_hand_p3 = model.backbone(padded[None])["p3"][0][:, :17, :22]  # ceil(130 / 8) x ceil(170 / 8)
+    assert_float64_close(batched[0]["grid"]["features"], singles[0]["grid"]["features"])
+    grid, alone = batched[1]["grid"], singles[1]["grid"]
+    assert grid["features"].shape == alone["features"].shape == (32, 17, 22)
+    assert grid["image_size"] == alone["image_size"] == (130, 170)
+    assert_float64_close(grid["features"], by_hand_p3)
+    differs = (grid["features"] - alone["features"]).abs().amax(0) > 1e-6 * float(alone["features"].abs().max())
+    assert bool(differs.all()), "every cell sees the padded edge"
+
+
 def test_one_backbone_run_gives_grid_and_detections(models):
     model = models["c4"]
     backbone, handle = calls(model.backbone)
