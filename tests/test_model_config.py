@@ -48,7 +48,7 @@ from detectron2.model_zoo import get_config
 model = get_config("common/models/mask_rcnn_fpn.py").model
 dataloader = get_config("common/data/coco.py").dataloader
 train = get_config("common/train.py").train
-model.roi_heads.num_classes = 3
+model.roi_heads.num_classes = 7  # more classes than the shapes' (the demo's labels and colours)
 """
 
 pytestmark = pytest.mark.timeout(600)
@@ -201,7 +201,7 @@ def test_explain_and_demo_take_a_lazy_config(user_lazy, images, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (out / "overview.png").is_file()
     with np.load(out / "a.npz") as npz:
-        assert npz["cls_prob"].shape == (int(npz["num_bbox"]), 4) and npz["x"].shape[1] == 1024
+        assert npz["cls_prob"].shape == (int(npz["num_bbox"]), 8) and npz["x"].shape[1] == 1024
 
 
 VITDET = Path(detectron2.__file__).resolve().parents[1] / "projects" / "ViTDet" / "configs" / "COCO" / "mask_rcnn_vitdet_b_100ep.py"

@@ -41,15 +41,31 @@ def test_explain_json_names_classes(model, tmp_path, capsys):
 
 
 def test_demo_labels_use_the_class_names_file(tmp_path):
+    from d2_regionfeat.default_model import CONFIG_FILE
+    from d2_regionfeat.extraction.model_config import load_model_config
+
     demo = load_tool("demo")
+    assert demo.class_names(load_model_config(CONFIG_FILE), len(CLASSES)) == list(CLASSES)  # the shipped model
     cfg = get_default_model_cfg("cpu")
-    assert demo.class_names(as_model_config(cfg)) == list(CLASSES)
     names = [f"thing{i}" for i in range(len(CLASSES))]
     (tmp_path / "vocab.txt").write_text("\n".join(names) + "\n")
     cfg.MODEL.REGION_FEATURES.CLASS_NAMES_FILE = str(tmp_path / "vocab.txt")
-    assert vocabularies(cfg).class_names == demo.class_names(as_model_config(cfg)) == names
+    assert vocabularies(cfg).class_names == demo.class_names(as_model_config(cfg), len(CLASSES)) == names
     regions = {"objects_id": np.array([2, 0]), "objects_conf": np.array([0.97, 0.5], np.float32)}
     assert demo.region_label(regions, 0, names, 0.2) == "thing2 0.97"
+
+
+def test_demo_labels_a_model_of_other_classes():
+    """A model that is not the shipped one, of 80 classes and no names: class_<i>, colours for each."""
+    demo = load_tool("demo")
+    cfg = get_default_model_cfg("cpu")
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    names = demo.class_names(as_model_config(cfg), 80)
+    assert names == [f"class_{i}" for i in range(80)]
+    regions = {"objects_id": np.array([57]), "objects_conf": np.array([0.61], np.float32),
+               "attr_prob": np.full((1, 3), 0.9, np.float32)}  # another model's attributes: not the shapes'
+    assert demo.region_label(regions, 0, names, 0.2) == "class_57 0.61"
+    assert all(np.all((0 <= demo.class_color(c)) & (demo.class_color(c) <= 1)) for c in range(80))
 
 
 def test_demo_main_on_two_images(tmp_path, monkeypatch, capsys):

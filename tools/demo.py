@@ -109,16 +109,27 @@ def attribute_words(attr_prob, threshold):
     return words
 
 
-def class_names(config):
-    """The class names of the model's config (CLASS_NAMES_FILE ...), else the shapes'."""
-    return config.vocabularies().class_names or list(CLASSES)
+def is_shipped(config):
+    """Whether ``config`` is the shipped model's (whose names are the shapes dataset's)."""
+    return bool(config.path) and os.path.abspath(config.path) == os.path.abspath(CONFIG_FILE)
+
+
+def class_names(config, num_classes):
+    """
+    The ``num_classes`` class names of the model: its names files or catalog's, the shapes'
+    for the shipped model, else ``class_<i>``.
+    """
+    names = config.vocabularies().class_names or (list(CLASSES) if is_shipped(config) else None)
+    return names or [f"class_{i}" for i in range(num_classes)]
 
 
 def region_label(regions, i, names, attribute_threshold):
-    """The label of region ``i``: its attributes, class name and score ("large red star 0.97")."""
-    words = (
-        attribute_words(regions["attr_prob"][i], attribute_threshold) if "attr_prob" in regions else []
-    )
+    """
+    The label of region ``i``: its attributes (the shapes' attribute head only), class name
+    and score ("large red star 0.97").
+    """
+    shapes_attributes = "attr_prob" in regions and regions["attr_prob"].shape[1] == len(ATTRIBUTES) + 1
+    words = attribute_words(regions["attr_prob"][i], attribute_threshold) if shapes_attributes else []
     return " ".join([*words, names[regions["objects_id"][i]], f"{regions['objects_conf'][i]:.2f}"])
 
 
@@ -130,10 +141,13 @@ def pca_2d(features):
 
 
 def class_color(class_id):
-    return np.array(CLASS_COLORS[class_id]) / 255.0
+    """The shapes' colour of a class; beyond them, matplotlib's tab20 in turn."""
+    if class_id < len(CLASS_COLORS):
+        return np.array(CLASS_COLORS[class_id]) / 255.0
+    return np.array(plt.get_cmap("tab20")(int(class_id) % 20)[:3])
 
 
-def draw_overview(images, regions, names, output_file, attribute_threshold, classes=CLASSES):
+def draw_overview(images, regions, names, output_file, attribute_threshold, classes):
     """
     Images (named ``names``) with their boxes, labelled with the ``classes`` names, in a grid,
     and the PCA of all region features beside them; the boxes' labels name the attributes of at least ``attribute_threshold`` when there are any.
@@ -158,8 +172,8 @@ def draw_overview(images, regions, names, output_file, attribute_threshold, clas
     class_ids = np.concatenate([r["objects_id"] for r in regions])
     if len(features) >= 2:
         points = pca_2d(features)
-        for c, name in enumerate(classes):
-            chosen = class_ids == c
+        for c in np.unique(class_ids):  # the classes found
+            chosen, name = class_ids == c, classes[c]
             ax.scatter(points[chosen, 0], points[chosen, 1], s=30, color=class_color(c),
                        label=f"{name} ({chosen.sum()})", edgecolors="k", linewidths=0.3)
         ax.legend(fontsize=8)
@@ -187,7 +201,8 @@ def main(argv=None):
         regions.append(r)
         names.append(name)
     overview = os.path.join(args.output, "overview.png")
-    draw_overview(images, regions, names, overview, args.attribute_threshold, class_names(config))
+    classes = class_names(config, regions[0]["cls_prob"].shape[1] - 1)
+    draw_overview(images, regions, names, overview, args.attribute_threshold, classes)
     print(f"\nWrote {len(names)} feature files (.npz) to {os.path.abspath(args.output)}/")
     print(f"Wrote the overview (detections and PCA of the features) to {os.path.abspath(overview)}")
 
