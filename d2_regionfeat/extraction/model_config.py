@@ -369,11 +369,17 @@ def _flat(node, prefix=""):
     elif isinstance(node, (list, tuple)):
         items = enumerate(node)
     else:
-        return {prefix[:-1]: f"{node.__module__}.{node.__qualname__}" if callable(node) else node}
+        return {prefix[:-1]: _callable_name(node) if callable(node) else node}
     flat = {}
     for key, value in items:
         flat.update(_flat(value, f"{prefix}{key}."))
     return flat
+
+
+def _callable_name(node) -> str:
+    """A class's or function's dotted name; the repr of other callables (a functools.partial)."""
+    name = getattr(node, "__qualname__", None)
+    return f"{node.__module__}.{name}" if name else repr(node)
 
 
 def _changes(before: Dict, after: Dict) -> Dict[str, str]:

@@ -76,11 +76,14 @@ class RegionPredictor(DefaultPredictor):
             boxes: optional (N, 4) x1y1x2y2 boxes in ``original_image`` pixels.
 
         Returns:
-            dict: {"instances": Instances} as :class:`DefaultPredictor` returns.
+            dict: {"instances": Instances} as :class:`DefaultPredictor` returns (without
+            boxes: the model's whole output dict, as DefaultPredictor's; its call is not used,
+            since upstream detectron2's reads ``self.cfg``, which :meth:`of_model` has not).
         """
-        if boxes is None:
-            return super().__call__(original_image)
         inputs = self.model_inputs(original_image)
+        if boxes is None:
+            with torch.no_grad():
+                return self.model([inputs])[0]
         return {"instances": regions_for_boxes(self.model, [inputs], [boxes])[0]}
 
     def model_inputs(self, original_image: np.ndarray) -> dict:
