@@ -1,4 +1,6 @@
 """The Feature heads: same detections as the plain heads, plus the right region features."""
+import functools
+
 import pytest
 import torch
 
@@ -24,9 +26,16 @@ def run(model, batched_inputs, postprocess=True):
     return [o["instances"] for o in outs] if postprocess else outs
 
 
-def plain_and_feature(kind, seed=0, **region_features):
-    plain = build(make_cfg(kind, feature=False), seed)
-    feature = build(make_cfg(kind, **region_features), seed, wild=True)
+@functools.lru_cache(maxsize=None)
+def plain_and_feature(kind):
+    """
+    The plain and the Feature model of ``kind``, narrow, same weights; built once a session
+    (the tests that take them leave them as they found them: eval mode, weights unchanged).
+    """
+    # keypoint: full width (detectron2's heatmap post-processing asserts on the narrow model's maps)
+    cheap = narrow if kind != "keypoint" else (lambda cfg: cfg)
+    plain = build(cheap(make_cfg(kind, feature=False)))
+    feature = build(cheap(make_cfg(kind)), wild=True)
     feature.load_state_dict(plain.state_dict())
     return plain, feature
 
@@ -193,8 +202,11 @@ def test_training_losses_identical_to_plain_heads(kind):
     for model in (plain, feature):
         model.train()
         torch.manual_seed(7)
-        with EventStorage():
-            losses.append(model(batch))
+        try:
+            with EventStorage():
+                losses.append(model(batch))
+        finally:
+            model.eval()
     assert losses[0].keys() == losses[1].keys()
     for name in losses[0]:
         assert torch.equal(losses[0][name], losses[1][name]), name

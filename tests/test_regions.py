@@ -190,13 +190,19 @@ def test_final_pooling_equals_repooling_at_final_boxes(kind, source):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_explain_final_count_equals_the_plain_model(kind):
-    feature = build(make_cfg(kind))
+    def cfg(**options):  # narrow widths, with the kind's own number of proposals
+        narrowed = narrow(make_cfg(kind, **options))
+        narrowed.MODEL.RPN.POST_NMS_TOPK_TEST = make_cfg(kind).MODEL.RPN.POST_NMS_TOPK_TEST
+        return narrowed
+
+    feature = build(cfg())
+    plain = build(cfg(feature=False), wild=True)
+    plain.load_state_dict(feature.state_dict())
+    predictors = plain.roi_heads.box_predictor
+    batch = inputs((1, 200, 280), (4, 190, 250), (7, 230, 210))
     for thresh in (0.05, 0.1, 0.3):
-        plain_cfg = make_cfg(kind, feature=False)
-        plain_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = thresh
-        plain = build(plain_cfg, wild=True)
-        plain.load_state_dict(feature.state_dict())
-        batch = inputs((1, 200, 280), (4, 190, 250), (7, 230, 210))
+        for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+            predictor.test_score_thresh = thresh  # what ROI_HEADS.SCORE_THRESH_TEST sets
         with torch.no_grad():
             expected = [len(o["instances"]) for o in plain(batch)]
         reports = explain_detections(feature, batch, thresh)
