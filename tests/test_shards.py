@@ -23,6 +23,7 @@ from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.extraction.model_config import ConfigError, load_model_config
 from d2_regionfeat.extraction.pipeline import extract_shards
 from d2_regionfeat.extraction.shards import expand_braces, select_shards
+from d2_regionfeat.formats.shard import DuplicateIdError
 from d2_regionfeat.io import ShardFolder, read_features
 
 from test_extract_net import generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
@@ -109,14 +110,21 @@ def clean(model, shards, extractor, tool_main, tmp_path_factory):
     return out
 
 
-def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
-    folder = tmp_path / "images"
+@pytest.fixture(scope="module")
+def folder_run(model, tool_main, tmp_path_factory):
+    """A folder run of the tool (in this process) over the images that the shards extract."""
+    folder = tmp_path_factory.mktemp("images")
     for samples in SHARDS.values():
         for key, seed, h, w in samples:
             if key in GOOD:
                 save_bgr(folder / f"{key}.png", generated(seed, h, w))
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("folder_run") / "out"
     assert tool_main(tool_args(model, folder, out, formats=["npz"])[2:]) == 0
+    return out
+
+
+def test_shards_equal_a_folder_extraction(clean, folder_run):
+    out = folder_run
     assert sorted(os.listdir(clean)) == sorted(
         [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")] + ["shards.json"]
     )
@@ -136,6 +144,56 @@ def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
     )
     assert failures[f"{TRUNCATED}.png"]["shard"] == "00001"
     assert "broken tar" in failures[f"{TRUNCATED}.png"]["reason"]
+
+
+def assert_same_record_lists(got, want):
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
+    for a, b in zip(got, want):
+        assert sorted(a) == sorted(b), a["image_id"]
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def test_one_reader_for_folder_runs_and_shards(clean, folder_run, tmp_path):
+    """io.read_features reads a shard folder, several or a glob, as it reads the folder run (bug 8)."""
+    want = list(read_features(str(folder_run)))
+    assert [r["image_id"] for r in want] == sorted(GOOD)
+    assert_same_record_lists(list(read_features(str(clean))), want)
+    # the shards of one run in two folders, by list and by glob
+    halves = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for half, names in zip(halves, (["00000"], ["00001", "00002"])):
+        half.mkdir(parents=True)
+        for name in names:
+            for suffix in (".tar", ".jsonl", ".failures.jsonl"):
+                (half / f"{name}{suffix}").write_bytes((clean / f"{name}{suffix}").read_bytes())
+    assert_same_record_lists(list(read_features([str(h) for h in halves])), want)
+    assert_same_record_lists(list(read_features(f"{tmp_path}/*/run")), want)
+    assert sorted(f["member"] for f in ShardFolder(f"{tmp_path}/*/run").failures()) == sorted(
+        f["member"] for f in ShardFolder(str(clean)).failures())
+    with pytest.raises(ValueError, match="is no folder of output shards"):
+        list(read_features(f"{tmp_path}/none/*"))
+
+
+def test_an_id_in_two_shards_is_refused_naming_both(clean, tmp_path):
+    """Two shards holding one id: one line naming both, before any record (bug 8)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for suffix in (".tar", ".jsonl", ".failures.jsonl"):
+        (other / f"00009{suffix}").write_bytes((clean / f"00000{suffix}").read_bytes())
+    message = f"image id '000000000' is in two shards: {clean}/00000.tar and {other}/00009.tar"
+    for read in (lambda: list(read_features([str(clean), str(other)])),
+                 lambda: ShardFolder([str(clean), str(other)])["000000002"]):
+        with pytest.raises(DuplicateIdError) as error:
+            read()
+        assert str(error.value) == message
+    # in one folder, and twice in one shard
+    same = tmp_path / "same"
+    same.mkdir()
+    lines = (clean / "00000.jsonl").read_text().splitlines()
+    (same / "00000.tar").write_bytes((clean / "00000.tar").read_bytes())
+    (same / "00000.jsonl").write_text("\n".join(lines + lines[:1]) + "\n")
+    with pytest.raises(DuplicateIdError, match=f"image id '000000000' is twice in {same}/00000.tar$"):
+        len(ShardFolder(str(same)))
 
 
 def test_read_back_by_id_and_as_stream(clean):

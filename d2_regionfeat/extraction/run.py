@@ -263,13 +263,14 @@ class RunFolder:
         return None
 
 
-def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
+def read_features(path, fmt: Optional[str] = None) -> Iterator[Dict]:
     """
-    :func:`d2_regionfeat.formats.read_features`, and for an output folder of a run its
-    manifest's names (and, without ``fmt``, its first layout).
+    The one reader of features: :func:`d2_regionfeat.formats.read_features` (a layout's file
+    or folder, an output folder, output shards: a folder of them, several or a glob), and for
+    an output folder of a run its manifest's names (and, without ``fmt``, its first layout).
     """
     names = None
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         manifest = read_manifest(path)
         fmt = fmt or manifest["formats"][0]
         names = Vocabularies(manifest.get("class_names"), manifest.get("attribute_names"))
