@@ -66,9 +66,9 @@ def package_versions():
     return versions
 
 
-def read_manifest(output_dir: str):
-    """The folder's manifest, or None."""
-    path = os.path.join(output_dir, MANIFEST_NAME)
+def read_manifest(output_dir: str, name: str = MANIFEST_NAME):
+    """The folder's manifest (``name``: its file), or None."""
+    path = os.path.join(output_dir, name)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
