@@ -9,6 +9,7 @@ import json
 import os
 import platform
 from importlib import metadata
+from typing import Iterable
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -50,6 +51,14 @@ def sha256_file(path: str) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    """``sha256_text("\\n".join(lines))``, hashed line by line (the text is never built whole)."""
+    digest = hashlib.sha256()
+    for n, line in enumerate(lines):
+        digest.update((("\n" if n else "") + line).encode("utf-8"))
+    return digest.hexdigest()
 
 
 def package_versions():
