@@ -1,12 +1,13 @@
 """
 Reading the feature files that ``tools/extract_net.py`` writes: every layout yields the
-same per-image records (see :mod:`d2_regionfeat.formats.records`), without ever unpickling.
+same per-image records (see :mod:`d2_regionfeat.formats.records`), without ever unpickling;
+:func:`read_features` reads a folder run, a layout's file, and output shards alike.
 The layouts live in :mod:`d2_regionfeat.formats`; this module keeps their reading API.
 """
 from .extraction.manifest import MANIFEST_NAME  # noqa: F401
 from .extraction.run import FAILURES_NAME, NO_REGIONS_NAME, read_features  # noqa: F401
 from .formats import OUTPUT_NAMES, READERS, WriteOnlyLayoutError  # noqa: F401
-from .formats.shard import ShardFolder  # noqa: F401  (a folder of output shards)
+from .formats.shard import DuplicateIdError, ShardFolder  # noqa: F401  (folders of output shards)
 from .formats.records import RECORD_KEYS, decode_npz, encode_npz  # noqa: F401
 from .formats.tsv import TSV_FIELDNAMES, decode_tsv_line, encode_tsv_line  # noqa: F401
 

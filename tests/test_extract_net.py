@@ -252,6 +252,14 @@ def test_sigkill_then_resume_gives_identical_outputs(model, image_set, reference
     assert_same_output(out, reference.out)
 
 
+def test_inputs_checksum_is_the_listing_joined(image_set, reference):
+    """The manifest's inputs_sha256 (hashed line by line) is the digest of the listing's text, so
+    that folders written before resume as they did."""
+    text = "\n".join(f"{i.image_id}\t{i.path}" for i in list_inputs(str(image_set)))
+    manifest = json.loads((reference.out / "manifest.json").read_text())
+    assert manifest["inputs_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def test_torn_records_are_cut_off_on_recovery(tmp_path):
     log = LineLog(str(tmp_path / "log"), lambda line: line.split("\t")[0])
     log.append([b"a\t1\n", b"b\t2\n"])

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -18,14 +19,18 @@ import torch
 from PIL import Image
 
 from d2_regionfeat.extraction import ExtractionError, InputError, extract, prepare_job
+import d2_regionfeat.extraction.convert as convert_module
+from d2_regionfeat.extraction.convert import convert as convert_features
 from d2_regionfeat.extraction.manifest import OutputFolderError
 from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.extraction.model_config import ConfigError, load_model_config
 from d2_regionfeat.extraction.pipeline import extract_shards
 from d2_regionfeat.extraction.shards import expand_braces, select_shards
+from d2_regionfeat.formats import WRITERS
+from d2_regionfeat.formats.shard import DuplicateIdError
 from d2_regionfeat.io import ShardFolder, read_features
 
-from test_extract_net import generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
+from test_extract_net import TOOL, generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
 from test_grid_formats import grid_model  # noqa: F401  (a module fixture)
 
 # shard name -> samples (key, seed, height, width); None: a corrupt image member
@@ -109,14 +114,21 @@ def clean(model, shards, extractor, tool_main, tmp_path_factory):
     return out
 
 
-def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
-    folder = tmp_path / "images"
+@pytest.fixture(scope="module")
+def folder_run(model, tool_main, tmp_path_factory):
+    """A folder run of the tool (in this process) over the images that the shards extract."""
+    folder = tmp_path_factory.mktemp("images")
     for samples in SHARDS.values():
         for key, seed, h, w in samples:
             if key in GOOD:
                 save_bgr(folder / f"{key}.png", generated(seed, h, w))
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("folder_run") / "out"
     assert tool_main(tool_args(model, folder, out, formats=["npz"])[2:]) == 0
+    return out
+
+
+def test_shards_equal_a_folder_extraction(clean, folder_run):
+    out = folder_run
     assert sorted(os.listdir(clean)) == sorted(
         [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")] + ["shards.json"]
     )
@@ -136,6 +148,125 @@ def test_shards_equal_a_folder_extraction(model, clean, tool_main, tmp_path):
     )
     assert failures[f"{TRUNCATED}.png"]["shard"] == "00001"
     assert "broken tar" in failures[f"{TRUNCATED}.png"]["reason"]
+
+
+def split_run(clean, tmp_path):
+    """The shards of ``clean`` in two folders, ``tmp_path/{a,b}/run``, each with its shards.json."""
+    halves = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for half, names in zip(halves, (["00000"], ["00001", "00002"])):
+        half.mkdir(parents=True)
+        (half / "shards.json").write_bytes((clean / "shards.json").read_bytes())
+        for name in names:
+            for suffix in (".tar", ".jsonl", ".failures.jsonl"):
+                (half / f"{name}{suffix}").write_bytes((clean / f"{name}{suffix}").read_bytes())
+    return halves
+
+
+def assert_same_record_lists(got, want):
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
+    for a, b in zip(got, want):
+        assert sorted(a) == sorted(b), a["image_id"]
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def test_one_reader_for_folder_runs_and_shards(clean, folder_run, tmp_path):
+    """io.read_features reads a shard folder, several or a glob, as it reads the folder run (bug 8)."""
+    want = list(read_features(str(folder_run)))
+    assert [r["image_id"] for r in want] == sorted(GOOD)
+    assert_same_record_lists(list(read_features(str(clean))), want)
+    # the shards of one run in two folders, by list and by glob
+    halves = split_run(clean, tmp_path)
+    assert_same_record_lists(list(read_features([str(h) for h in halves])), want)
+    assert_same_record_lists(list(read_features(f"{tmp_path}/*/run")), want)
+    assert sorted(f["member"] for f in ShardFolder(f"{tmp_path}/*/run").failures()) == sorted(
+        f["member"] for f in ShardFolder(str(clean)).failures())
+    with pytest.raises(ValueError, match="is no folder of output shards"):
+        list(read_features(f"{tmp_path}/none/*"))
+
+
+def test_an_id_in_two_shards_is_refused_naming_both(clean, tmp_path):
+    """Two shards holding one id: one line naming both, before any record (bug 8)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for suffix in (".tar", ".jsonl", ".failures.jsonl"):
+        (other / f"00009{suffix}").write_bytes((clean / f"00000{suffix}").read_bytes())
+    message = f"image id '000000000' is in two shards: {clean}/00000.tar and {other}/00009.tar"
+    for read in (lambda: list(read_features([str(clean), str(other)])),
+                 lambda: ShardFolder([str(clean), str(other)])["000000002"]):
+        with pytest.raises(DuplicateIdError) as error:
+            read()
+        assert str(error.value) == message
+    # in one folder, and twice in one shard
+    same = tmp_path / "same"
+    same.mkdir()
+    lines = (clean / "00000.jsonl").read_text().splitlines()
+    (same / "00000.tar").write_bytes((clean / "00000.tar").read_bytes())
+    (same / "00000.jsonl").write_text("\n".join(lines + lines[:1]) + "\n")
+    with pytest.raises(DuplicateIdError, match=f"image id '000000000' is twice in {same}/00000.tar$"):
+        len(ShardFolder(str(same)))
+
+
+CONVERT = TOOL.parent / "convert_features.py"
+CONVERTED = ["butd_tsv", "tsv", "ban_hdf5", "hdf5", "lmdb"]
+
+
+def layout_rows(out, fmt):
+    """A layout's records read back, and for a one-file layout its bytes."""
+    path = out / WRITERS[fmt].output_name
+    return list(read_features(str(path), fmt)), path.read_bytes() if path.suffix == ".tsv" else None
+
+
+def test_convert_shards_equals_converting_a_folder_run(clean, folder_run, tmp_path, monkeypatch):
+    """convert_features over output shards (one folder, a glob, a list): the folder run's rows (issue 26 item 3)."""
+    want = tmp_path / "from_folder"
+    convert_features(str(folder_run), CONVERTED, str(want), source_format="npz")
+    halves = split_run(clean, tmp_path)
+    for source in (str(clean), f"{tmp_path}/*/run", [str(h) for h in halves]):
+        out = tmp_path / f"from_shards_{len(os.listdir(tmp_path))}"
+        manifest = convert_features(source, CONVERTED, str(out))
+        assert manifest["converted_from"]["format"] == "shards"
+        assert manifest["counts"] == {"inputs": len(GOOD) + 2, "written": len(GOOD), "failed": 2,
+                                      "no_regions": 0, "left_out": {f: 0 for f in CONVERTED if f not in ("hdf5", "lmdb")}}
+        assert manifest["feature_dim"] == json.loads((want / "manifest.json").read_text())["feature_dim"]
+        for fmt in CONVERTED:
+            (got, got_bytes), (rows, raw) = layout_rows(out, fmt), layout_rows(want, fmt)
+            assert_same_record_lists(got, rows)
+            assert got_bytes == raw, fmt
+    # killed after three records, then resumed: the same bytes as one conversion
+    monkeypatch.setattr(convert_module, "CHUNK", 2)
+    stream = ShardFolder.__iter__
+
+    def dies_after_three(folder):
+        for n, record in enumerate(stream(folder)):
+            if n == 3:
+                raise KeyboardInterrupt
+            yield record
+    monkeypatch.setattr(ShardFolder, "__iter__", dies_after_three)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        convert_features(str(clean), CONVERTED, str(resumed))
+    monkeypatch.setattr(ShardFolder, "__iter__", stream)
+    convert_features(str(clean), CONVERTED, str(resumed), resume=True)
+    once = tmp_path / "once"
+    convert_features(str(clean), CONVERTED, str(once))
+    def tree(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.name != "manifest.json"}
+    assert tree(resumed) == tree(once) and "features_butd.tsv" in tree(once)
+
+
+def test_convert_refuses_an_id_in_two_shards(clean, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("00000.tar", "00000.jsonl", "00000.failures.jsonl", "shards.json"):
+        (other / name).write_bytes((clean / name).read_bytes())
+    result = subprocess.run(
+        [sys.executable, str(CONVERT), "--input", str(clean), str(other), "--format", "butd_tsv",
+         "--output", str(tmp_path / "out")], env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"image id '000000000' is in two shards: {clean}/00000.tar and {other}/00000.tar" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_back_by_id_and_as_stream(clean):

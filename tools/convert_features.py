@@ -4,10 +4,14 @@ Convert a finished extraction of tools/extract_net.py into other layouts, withou
 
     python tools/convert_features.py IN_DIR --format F [--format G ...] [--id stem|int] \\
         --output OUT_DIR [--resume] [--source-format S]
+    python tools/convert_features.py --input 'feats/cc3m_*' [--input MORE ...] --format butd_tsv ...
 
-The records are read from the best layout IN_DIR holds (hdf5, lmdb, npz, then tsv; or
-``--source-format``) and written as ``tools/extract_net.py --format F`` would have written
-them: the same files, the same ``no_regions.jsonl`` and ``failures.jsonl``, a manifest with
+IN_DIR (or ``--input``): an output folder, or output shards: a folder of them, several, or a
+glob of such folders, read shard by shard in folder then name order (an image id in two shards
+is refused, naming both). The records are read from the best layout a folder holds (hdf5, lmdb,
+npz, then tsv; or ``--source-format``), or from the shards' members, and written as
+``tools/extract_net.py --format F`` would have written them: the same files, the same
+``no_regions.jsonl`` and ``failures.jsonl``, a manifest with
 the source's config and ``converted_from``. Killed, it continues with ``--resume``.
 ``mmf``, ``vilbert`` and ``ban_hdf5`` write pickles (their readers' design). Exit status: 0;
 2 for bad settings or a source that lacks what a layout needs (one-line error).
@@ -31,7 +35,14 @@ def get_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("input", metavar="IN_DIR", help="output folder of a finished extraction")
+    parser.add_argument(
+        "input", metavar="IN_DIR", nargs="*",
+        help="output folder of a finished extraction, or folder(s) of output shards, or a glob of them",
+    )
+    parser.add_argument(
+        "--input", dest="inputs", action="append", nargs="+", default=[], metavar="IN",
+        help="the same as IN_DIR, repeatable (folders of output shards, or globs of them)",
+    )
     parser.add_argument(
         "--format", action="append", nargs="+", required=True, metavar="F",
         help=f"layout(s) to write, space- or comma-separated, repeatable: {', '.join(WRITERS)}",
@@ -50,13 +61,17 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     formats = format_names([word for value in args.format for word in value])
+    inputs = args.input + [name for value in args.inputs for name in value]
+    if not inputs:
+        parser.error("give IN_DIR or --input")
+    source = inputs[0] if len(inputs) == 1 else inputs
     try:
-        manifest = convert(args.input, formats, args.output, args.id_mode, args.resume, args.source_format)
+        manifest = convert(source, formats, args.output, args.id_mode, args.resume, args.source_format)
     except (ConversionError, OutputFolderError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     counts = manifest["counts"]
     print(
-        f"Converted {args.input} -> {args.output} ({', '.join(manifest['formats'])}): "
+        f"Converted {' '.join(inputs)} -> {args.output} ({', '.join(manifest['formats'])}): "
         f"{counts['written']} images, {counts['no_regions']} without regions "
         f"(left out of {', '.join(counts['left_out']) or 'none'})"
     )

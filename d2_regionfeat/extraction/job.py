@@ -18,7 +18,7 @@ from ..formats.shard import is_complete
 from ..modeling.outputs import RegionOutputs, region_outputs
 from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
-from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_text
+from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_lines
 from .model_call import BatchExtractor, record_keys
 from .model_config import ModelConfig, as_model_config
 from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
@@ -136,7 +136,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "amp": bool(options.get("amp", False)),
         "world_size": world_size,
         "input": source,
-        "inputs_sha256": sha256_text("\n".join(f"{i.image_id}\t{i.path}" for i in items)),
+        "inputs_sha256": sha256_lines(f"{i.image_id}\t{i.path}" for i in items),
         "versions": package_versions(),
     }
     if names.class_names is None:

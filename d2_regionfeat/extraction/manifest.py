@@ -9,6 +9,7 @@ import json
 import os
 import platform
 from importlib import metadata
+from typing import Iterable
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -52,6 +53,14 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_lines(lines: Iterable[str]) -> str:
+    """``sha256_text("\\n".join(lines))``, hashed line by line (the text is never built whole)."""
+    digest = hashlib.sha256()
+    for n, line in enumerate(lines):
+        digest.update((("\n" if n else "") + line).encode("utf-8"))
+    return digest.hexdigest()
+
+
 def package_versions():
     """Versions of Python and of the packages the features depend on."""
     versions = {"python": platform.python_version()}
@@ -66,9 +75,9 @@ def package_versions():
     return versions
 
 
-def read_manifest(output_dir: str):
-    """The folder's manifest, or None."""
-    path = os.path.join(output_dir, MANIFEST_NAME)
+def read_manifest(output_dir: str, name: str = MANIFEST_NAME):
+    """The folder's manifest (``name``: its file), or None."""
+    path = os.path.join(output_dir, name)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

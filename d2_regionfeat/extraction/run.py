@@ -131,11 +131,11 @@ class RunOutputs:
         self.no_regions = NoRegionsLog(output_dir, rank, world_size)
         self.paths = paths or {}
         self.left_out = [f for f, w in zip(formats, self.writers) if not w.keeps_empty]
-        self.keys = [{i: type(w).key(i) for i in image_ids} for w in self.writers]
+        # each layout's key of an id is computed where needed, not held for every image
         self.written = []
-        for writer, keys in zip(self.writers, self.keys):
-            held = writer.written()
-            ids = {i for i, key in keys.items() if key in held}
+        for writer in self.writers:
+            held, key = writer.written(), type(writer).key
+            ids = {i for i in image_ids if key(i) in held} if held else set()
             self.written.append(ids if writer.keeps_empty else ids | self.no_regions.ids)
         # images that need nothing more: failed, or in every layout
         self.recorded = self.failures.ids | set.intersection(*self.written)
@@ -146,9 +146,9 @@ class RunOutputs:
         regions leaves those out), then log those without regions and ``failed``
         (``{"image_id", "path", "reason"}``).
         """
-        for writer, keys, ids in zip(self.writers, self.keys, self.written):
+        for writer, ids in zip(self.writers, self.written):
             writer.write([
-                dict(r, image_id=keys[r["image_id"]]) for r in records
+                dict(r, image_id=type(writer).key(r["image_id"])) for r in records
                 if r["image_id"] not in ids and (r.get("num_bbox") != 0 or writer.keeps_empty)
             ])
         # a grid-only record (no num_bbox) has no regions to lack
@@ -263,13 +263,14 @@ class RunFolder:
         return None
 
 
-def read_features(path: str, fmt: Optional[str] = None) -> Iterator[Dict]:
+def read_features(path, fmt: Optional[str] = None) -> Iterator[Dict]:
     """
-    :func:`d2_regionfeat.formats.read_features`, and for an output folder of a run its
-    manifest's names (and, without ``fmt``, its first layout).
+    The one reader of features: :func:`d2_regionfeat.formats.read_features` (a layout's file
+    or folder, an output folder, output shards: a folder of them, several or a glob), and for
+    an output folder of a run its manifest's names (and, without ``fmt``, its first layout).
     """
     names = None
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         manifest = read_manifest(path)
         fmt = fmt or manifest["formats"][0]
         names = Vocabularies(manifest.get("class_names"), manifest.get("attribute_names"))

@@ -20,6 +20,7 @@ from . import vinvl  # noqa: F401,I001
 from . import grid, grid_hdf5, grid_feats, grid_mmf  # noqa: F401,I001  (grid layouts)
 from .base import WRITERS, FeatureWriter, WriteOnlyLayoutError, register_format
 from .records import LayoutIdError, int_id
+from .shard import SHARDS, ShardFolder, holds_shards
 
 # Where each layout lies in an output folder.
 OUTPUT_NAMES = {name: cls.output_name for name, cls in WRITERS.items()}
@@ -30,9 +31,10 @@ REGION_FORMATS = [name for name, cls in WRITERS.items() if not cls.grid]
 GRID_FORMATS = [name for name, cls in WRITERS.items() if cls.grid]
 
 
-def read_features(path: str, fmt: Optional[str] = None, names=None) -> Iterator[Dict]:
+def read_features(path, fmt: Optional[str] = None, names=None) -> Iterator[Dict]:
     """
-    Records of a feature file or an output folder of ``tools/extract_net.py``. Never
+    Records of a feature file, an output folder of ``tools/extract_net.py``, or output shards
+    (a folder of them, several, or a glob: :class:`.shard.ShardFolder`). Never
     unpickles: ``mmf`` and ``vilbert`` raise :class:`WriteOnlyLayoutError`, ``ban_hdf5`` is
     read without its pickle.
 
@@ -40,11 +42,14 @@ def read_features(path: str, fmt: Optional[str] = None, names=None) -> Iterator[
         path: an output folder (then ``fmt`` says which of its layouts; default the first
             of :data:`WRITERS` it holds; ``d2_regionfeat.io.read_features`` defaults to its
             manifest's first), an ``npz`` folder, a ``.tsv`` file, an ``.h5``/``.hdf5``
-            file, an LMDB folder, or (with ``fmt``) the file or folder of any layout.
-        fmt: one of :data:`WRITERS`; guessed from ``path`` when not given.
+            file, an LMDB folder, or (with ``fmt``) the file or folder of any layout; or a
+            folder of output shards, a glob of such folders or a list of them.
+        fmt: one of :data:`WRITERS` or ``"shards"``; guessed from ``path`` when not given.
         names: the model's class and attribute names (``class_names``, ``attribute_names``),
             for the layouts that store names (``takes_names``); None: none known.
     """
+    if fmt == SHARDS or (fmt is None and holds_shards(path)):
+        return iter(ShardFolder(path))
     # the layouts of an output folder lie under their output names
     held = [f for f, name in OUTPUT_NAMES.items() if os.path.exists(os.path.join(path, name))]
     if fmt in held or (fmt is None and held):
@@ -66,5 +71,5 @@ def read_features(path: str, fmt: Optional[str] = None, names=None) -> Iterator[
 
 __all__ = [
     "WRITERS", "READERS", "OUTPUT_NAMES", "REGION_FORMATS", "GRID_FORMATS", "FeatureWriter",
-    "register_format", "read_features", "LayoutIdError", "WriteOnlyLayoutError", "int_id",
+    "register_format", "read_features", "ShardFolder", "LayoutIdError", "WriteOnlyLayoutError", "int_id",
 ]

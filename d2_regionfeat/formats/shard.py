@@ -15,19 +15,22 @@ is not complete.
 A shard is written under temporary names and renamed into place, its index last: a shard whose
 index exists is complete; anything else of that name is an unfinished one, removed and redone.
 The tar is written with fixed headers (mtime 0, uid 0, ustar), so the same records make the
-same bytes. :class:`ShardFolder` reads a folder back by id and as a stream.
+same bytes. :class:`ShardFolder` reads one folder or several back, by id and as a stream.
 """
+import glob
 import io
 import json
 import os
 import tarfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .records import GRID_KEYS, RECORD_KEYS, decode_npz, encode_npz
 
 # What a member holds of a record: its region keys, then the grid ones.
 MEMBER_KEYS = RECORD_KEYS + tuple(k for k in GRID_KEYS if k not in RECORD_KEYS)
 
+# The layout's name for :func:`d2_regionfeat.formats.read_features`.
+SHARDS = "shards"
 TAR_SUFFIX = ".tar"
 INDEX_SUFFIX = ".jsonl"
 FAILURES_SUFFIX = ".failures.jsonl"
@@ -122,27 +125,95 @@ def read_lines(path: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class DuplicateIdError(ValueError):
+    """One image id in two shards (or twice in one) of the shards read together."""
+
+
+def shard_folders(folders: Union[str, Sequence[str]]) -> List[str]:
+    """
+    The folders of output shards that ``folders`` names: a folder, a glob of folders, or a
+    list of either; a glob expands in sorted order.
+
+    Raises:
+        ValueError: a name that is no folder or matches none (one line).
+    """
+    found = []
+    for spec in [folders] if isinstance(folders, (str, os.PathLike)) else list(folders):
+        spec = os.fspath(spec)
+        matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+        dirs = [m for m in matches if os.path.isdir(m)]
+        if not dirs:
+            raise ValueError(f"{spec} is no folder of output shards")
+        found.extend(dirs)
+    return list(dict.fromkeys(found))
+
+
+def shard_names(folder: str) -> List[str]:
+    """The complete shards of ``folder`` (an index beside its tar), sorted by name."""
+    files = set(os.listdir(folder))
+    return sorted(
+        f[: -len(INDEX_SUFFIX)] for f in files
+        if f.endswith(INDEX_SUFFIX) and not f.endswith(FAILURES_SUFFIX)
+        and f[: -len(INDEX_SUFFIX)] + TAR_SUFFIX in files
+    )
+
+
+def holds_shards(path) -> bool:
+    """Whether ``path`` names output shards: a list or glob of folders, or a folder with a shard."""
+    if not isinstance(path, (str, os.PathLike)):
+        return True
+    path = os.fspath(path)
+    if glob.has_magic(path) and not os.path.exists(path):
+        return True
+    return os.path.isdir(path) and bool(shard_names(path))
+
+
 class ShardFolder:
     """
-    The complete shards of an output folder: ``folder[image_id]`` (a record), ``folder.index(id)``
-    (its index line), ``iter(folder)`` (every record, shard by shard, read sequentially),
-    :meth:`failures`. Unfinished shards are not seen.
+    The complete shards of one or more output folders (see :func:`shard_folders`), read as
+    one: ``folder[image_id]`` (a record), ``folder.index(id)`` (its index line),
+    ``iter(folder)`` (every record, folder by folder and in each shard by shard in name
+    order, read sequentially; only the ids are held, to check them), :meth:`failures`.
+    Unfinished shards are not seen. An id in two shards raises :class:`DuplicateIdError`
+    naming both, before any record is read.
     """
 
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.names = sorted(
-            f[: -len(INDEX_SUFFIX)] for f in os.listdir(folder)
-            if f.endswith(INDEX_SUFFIX) and not f.endswith(FAILURES_SUFFIX)
-        )
+    def __init__(self, folders: Union[str, Sequence[str]]):
+        self.folders = shard_folders(folders)
+        # (folder, name) of each complete shard, in reading order
+        self.shards: List[Tuple[str, str]] = [(f, n) for f in self.folders for n in shard_names(f)]
+        self.names = [n for _, n in self.shards]
         self._by_id = None
+
+    def tar(self, position: int) -> str:
+        """The tar of the shard at ``position`` in :attr:`shards`."""
+        return shard_paths(*self.shards[position])["tar"]
+
+    def entries(self) -> Iterator[Tuple[int, Dict]]:
+        """
+        (position in :attr:`shards`, index line) of every member, in reading order.
+
+        Raises:
+            DuplicateIdError: at the second member of an id, naming both shards.
+        """
+        first: Dict[str, int] = {}
+        for position, (folder, name) in enumerate(self.shards):
+            for entry in read_lines(shard_paths(folder, name)["index"]):
+                if entry["id"] in first:
+                    seen = first[entry["id"]]
+                    where = (f"twice in {self.tar(seen)}" if seen == position
+                             else f"in two shards: {self.tar(seen)} and {self.tar(position)}")
+                    raise DuplicateIdError(f"image id {entry['id']!r} is {where}")
+                first[entry["id"]] = position
+                yield position, entry
+
+    def check(self) -> int:
+        """The number of records, their ids checked (see :meth:`entries`)."""
+        return sum(1 for _ in self.entries())
 
     def _lookup(self):
         if self._by_id is None:
-            self._by_id = {}
-            for name in self.names:
-                for entry in read_lines(shard_paths(self.folder, name)["index"]):
-                    self._by_id[entry["id"]] = (name, entry)
+            self._by_id = {entry["id"]: (position, entry) for position, entry in self.entries()}
         return self._by_id
 
     def __len__(self):
@@ -155,23 +226,26 @@ class ShardFolder:
         return self._lookup()[image_id][1]
 
     def __getitem__(self, image_id: str) -> Dict:
-        name, entry = self._lookup()[image_id]
-        with open(shard_paths(self.folder, name)["tar"], "rb") as f:
+        position, entry = self._lookup()[image_id]
+        with open(self.tar(position), "rb") as f:
             f.seek(entry["offset"])
             return decode_npz(f.read(entry["size"]))
 
     def __iter__(self) -> Iterator[Dict]:
-        for name in self.names:
-            with tarfile.open(shard_paths(self.folder, name)["tar"], mode="r|") as tar:
+        self.check()
+        for position in range(len(self.shards)):
+            with tarfile.open(self.tar(position), mode="r|") as tar:
                 for member in tar:
                     yield decode_npz(tar.extractfile(member).read())
 
     def failures(self) -> List[Dict]:
         """The failures of the complete shards."""
-        return [row for name in self.names for row in read_lines(shard_paths(self.folder, name)["failures"])]
+        return [row for shard in self.shards for row in read_lines(shard_paths(*shard)["failures"])]
 
     def lost(self) -> List[Dict]:
         """Why each input shard that could not be read has no output shard (retried by the next run)."""
-        names = sorted(f[: -len(FAILURES_SUFFIX)] for f in os.listdir(self.folder) if f.endswith(FAILURES_SUFFIX))
-        return [row for name in names if name not in self.names
-                for row in read_lines(shard_paths(self.folder, name)["failures"])]
+        complete = set(self.shards)
+        return [row for folder in self.folders
+                for name in sorted(f[: -len(FAILURES_SUFFIX)] for f in os.listdir(folder) if f.endswith(FAILURES_SUFFIX))
+                if (folder, name) not in complete
+                for row in read_lines(shard_paths(folder, name)["failures"])]
