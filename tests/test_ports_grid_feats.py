@@ -65,16 +65,24 @@ def ported():
     return model, predictor
 
 
-def test_checkpoint_loads_with_nothing_missing_or_unexpected(ported, tmp_path):
+def test_checkpoint_loads_with_nothing_missing_or_unexpected(ported, tmp_path, caplog):
+    import logging
+
     from detectron2.checkpoint import DetectionCheckpointer
 
     model, predictor = ported
     path = tmp_path / "grid_feats.pth"
     torch.save({"model": grid_feats_state_dict(model, predictor)}, path)
+    torch.manual_seed(4)
     fresh = build_model(narrow_grid_cfg()).eval()
-    incompatible = DetectionCheckpointer(fresh)._load_model(torch.load(path))
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    assert not incompatible.incorrect_shapes
+    with caplog.at_level(logging.WARNING):
+        DetectionCheckpointer(fresh).load(str(path))
+    # fvcore warns of missing, unused and skipped (other shape) keys: none
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    expected = model.state_dict()
+    loaded = fresh.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
 def test_attributes_equal_its_head_restated(ported):
@@ -112,13 +120,6 @@ def test_a_key_in_both_spellings_with_two_values_is_a_clash():
         attribute_head_node(cfg)
 
 
-def test_x152_challenge_config_has_deformable_res4_res5():
-    cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(CONFIGS, "grid", "X-152-challenge.yaml"))
-    assert cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE == [False, False, True, True]
-    assert (cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.NUM_GROUPS, cfg.MODEL.RESNETS.WIDTH_PER_GROUP) == (152, 32, 8)
-
-
 def test_other_attribute_count_is_a_one_line_error(ported):
     model, predictor = ported
     state = grid_feats_state_dict(model, predictor)
@@ -126,3 +127,36 @@ def test_other_attribute_count_is_a_one_line_error(ported):
     state["roi_heads.attribute_predictor.attr_score.bias"] = state["roi_heads.attribute_predictor.attr_score.bias"][:3]
     with pytest.raises(ValueError, match="checkpoint scores 3 attributes; MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES is 4"):
         model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", ["X-152-grid", "X-152-challenge"])
+def test_x152_configs_build_and_give_a_finite_grid(name):
+    """The X-152 configs as they are (ResNeXt-152 32x8d; the challenge one deformable in res4
+    and res5), random weights, through DefaultPredictor on a small image."""
+    import numpy as np
+    from detectron2.engine import DefaultPredictor
+    from detectron2.layers import DeformConv
+    from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(CONFIGS, "grid", f"{name}.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96  # the cost: a 64 x 96 input
+    torch.manual_seed(0)
+    predictor = DefaultPredictor(cfg)
+    backbone = predictor.model.backbone
+    assert [len(backbone.res2), len(backbone.res3), len(backbone.res4)] == [3, 8, 36]
+    assert len(predictor.model.roi_heads.box_head.fc1.weight) == 1024
+    deformable = [isinstance(stage[0], DeformBottleneckBlock) for stage in (backbone.res2, backbone.res3, backbone.res4, backbone.res5)]
+    assert deformable == ([False, False, True, True] if name == "X-152-challenge" else [False] * 4)
+    block = backbone.res5[0]
+    assert (block.conv2.groups, block.conv2.out_channels) == (32, 2048)
+    assert isinstance(block, DeformBottleneckBlock) == isinstance(block.conv2, DeformConv)
+    bgr = (np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)
+    with torch.no_grad():
+        out = predictor(bgr)
+    grid = out["grid"]
+    assert tuple(grid["features"].shape) == (2048, 4, 6)  # res5 with dilation 2: stride 16
+    assert tuple(grid["stride"]) == (16, 16) and tuple(grid["image_size"]) == (64, 96)
+    assert torch.isfinite(grid["features"]).all() and grid["features"].abs().sum() > 0
+    assert len(out["instances"]) > 0

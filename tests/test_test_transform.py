@@ -61,3 +61,15 @@ def test_default_predictor_warns_once(cfg):
         warnings.simplefilter("always")
         predictor(bgr)
     assert not resize_warnings(caught)
+
+
+def test_a_500x333_image_enters_the_run_at_900x600(tmp_path):
+    """The VinVL config's own 600 / 1000: scene_graph_benchmark's Resize truncates 500 * 600 /
+    333 = 900.9 to 900 (detectron2 would round to 901); the extraction run's loader says so."""
+    cfg = narrow_cfg()
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (600, 1000)
+    save_bgr(tmp_path / "a.png", generated(1, 333, 500))
+    job = ExtractionJob(cfg=cfg, items=[], output_dir="", formats=[], emits=None, names=None)
+    entry = job.images([ImageItem("a", str(tmp_path / "a.png"))])[0]
+    assert tuple(entry["image"].shape[-2:]) == (600, 900)
+    assert (entry["height"], entry["width"]) == (333, 500)

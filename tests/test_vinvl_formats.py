@@ -4,6 +4,7 @@ import base64
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from d2_regionfeat.formats import WRITERS
@@ -104,3 +105,40 @@ def test_labelmap_names_are_one_based_and_checked(tmp_path):
     path.write_text(json.dumps({"label_to_idx": {"dog": 0, "cat": 1}, "attribute_to_idx": {}}))
     with pytest.raises(ValueError, match="indexes are not 1..2"):
         read_labelmap(str(path))
+
+
+def test_extract_net_oscar_labels_are_the_labelmaps_words(tmp_path):
+    """The VinVL model (reduced depth, random weights in its checkpoint's layout) with
+    MODEL.VINVL.LABELMAP, run by tools/extract_net.py --format oscar: each region's label is
+    the labelmap's word for its class."""
+    from test_extract_net import by_id, generated, run_tool, save_bgr, tool_args
+    from test_vinvl_model import A, K, narrow_cfg, tamed_state_dict
+
+    words = ["zebra", "red car", "tree", "sky", "dog"][:K]
+    labelmap = tmp_path / "labelmap.json"
+    labelmap.write_text(json.dumps({
+        "label_to_idx": {w: i + 1 for i, w in enumerate(words)},
+        "attribute_to_idx": {f"attr{i}": i + 1 for i in range(A)},
+    }))
+    weights = tmp_path / "vinvl.pth"
+    torch.save({"model": tamed_state_dict()}, weights)
+    cfg = narrow_cfg()
+    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.MODEL.VINVL.LABELMAP = str(labelmap)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 120, 200
+    config = tmp_path / "vinvl.yaml"
+    config.write_text(cfg.dump())
+    images = tmp_path / "images"
+    for name, (seed, h, w) in {"a": (1, 120, 170), "b": (2, 150, 110)}.items():
+        save_bgr(images / f"{name}.png", generated(seed, h, w))
+    out = tmp_path / "out"
+    model = type("Model", (), {"yaml": config})
+    result = run_tool(*tool_args(model, images, out, formats=["oscar", "npz"]))
+    assert result.returncode == 0, result.stderr
+    npz = by_id(read_features(str(out), "npz"))
+    lines = (out / "oscar" / "labels.tsv").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        image_id, labels = line.split("\t")
+        classes = [label["class"] for label in json.loads(labels)]
+        assert classes and classes == [words[c] for c in npz[image_id]["objects_id"]]

@@ -52,10 +52,9 @@ from .backbone import CaffeMaxPoolStem
 from .checkpoint import CHECKPOINT_CONVERSION_REGISTRY, register_checkpoint_conversion
 from .config import buta_node
 from .heads import FeatureRes5ROIHeads
-from .legacy import LegacyBox2BoxTransform, clip_legacy
+from .legacy import LegacyBox2BoxTransform, clip_legacy, nms_proposals
 from .meta_arch import RegionFeatureRCNN
 from .predictor import ROI_BOX_PREDICTOR_REGISTRY, FeatureFastRCNNOutputLayers, RegionPredictions
-from .selection import vinvl_nms_mask
 
 
 def buta_input_scale(height, width, short, max_size):
@@ -190,13 +189,8 @@ class BUTARPN(RPN):
                 order = torch.sort(scores, descending=True, stable=True).indices
                 order = order[: self.pre_nms_topk[self.training]]
                 boxes, scores = boxes[order], scores[order]
-                survived = vinvl_nms_mask(boxes[:, None], scores[:, None], self.nms_thresh,
-                                          "legacy_ge")[:, 0]
-                keep = survived.nonzero()[:, 0][: self.post_nms_topk[self.training]]
-                result = Instances(size)
-                result.proposal_boxes = Boxes(boxes[keep])
-                result.objectness_logits = scores[keep]
-                results.append(result)
+                results.append(nms_proposals(boxes, scores, scores, size, self.nms_thresh,
+                                             "legacy_ge", self.post_nms_topk[self.training]))
             return results
 
 

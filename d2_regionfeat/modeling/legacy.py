@@ -6,6 +6,9 @@ of MILVLG/bottom-up-attention.pytorch (BUTA.pt, :mod:`.buta`).
 import torch
 
 from detectron2.modeling.box_regression import _DEFAULT_SCALE_CLAMP, Box2BoxTransform
+from detectron2.structures import Boxes, Instances
+
+from .selection import vinvl_nms_mask
 
 
 class LegacyBox2BoxTransform(Box2BoxTransform):
@@ -60,6 +63,29 @@ def clip_legacy(boxes, image_size):
     x = boxes[:, 0::2].clamp(min=0, max=width - 1)
     y = boxes[:, 1::2].clamp(min=0, max=height - 1)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+def nms_proposals(boxes, scores, logits, image_size, nms_thresh, nms_iou, topk):
+    """
+    The legacy RPNs' last step on one image's filtered proposals, already in descending
+    ``scores``: NMS at ``nms_thresh`` (``nms_iou`` as :func:`vinvl_nms_mask`), the first ``topk``
+    survivors.
+
+    Args:
+        boxes (Tensor): (R, 4) proposals, descending score.
+        scores (Tensor): (R,) what the NMS ranks by.
+        logits (Tensor): (R,) what the result reports as ``objectness_logits``.
+        image_size (tuple): (H, W).
+
+    Returns:
+        Instances: ``proposal_boxes`` and ``objectness_logits`` of the kept rows, in order.
+    """
+    survived = vinvl_nms_mask(boxes[:, None], scores[:, None], nms_thresh, nms_iou)[:, 0]
+    keep = survived.nonzero()[:, 0][:topk]
+    result = Instances(image_size)
+    result.proposal_boxes = Boxes(boxes[keep])
+    result.objectness_logits = logits[keep]
+    return result
 
 
 def check_cell_anchors(anchor_generator, saved, fix):

@@ -43,10 +43,9 @@ from ..data.transforms import build_test_transform
 from .attributes import vinvl_attribute_fields
 from .checkpoint import register_checkpoint_conversion
 from .config import vinvl_node
-from .legacy import LegacyBox2BoxTransform, clip_legacy
+from .legacy import LegacyBox2BoxTransform, clip_legacy, nms_proposals
 from .meta_arch import RegionFeatureRCNN
 from .predictor import ROI_BOX_PREDICTOR_REGISTRY, FeatureFastRCNNOutputLayers
-from .selection import vinvl_nms_mask
 
 
 class LegacyFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -167,13 +166,8 @@ class VinVLRPN(RPN):
                 widths, heights = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
                 keep = (widths >= self.min_box_size) & (heights >= self.min_box_size)
                 boxes, probs, logits = boxes[keep], probs[keep], logits[keep]
-                survived = vinvl_nms_mask(boxes[:, None], probs[:, None], self.nms_thresh,
-                                          self.nms_iou)[:, 0]
-                keep = survived.nonzero()[:, 0][: self.post_nms_topk[self.training]]
-                result = Instances(size)
-                result.proposal_boxes = Boxes(boxes[keep])
-                result.objectness_logits = logits[keep]
-                results.append(result)
+                results.append(nms_proposals(boxes, probs, logits, size, self.nms_thresh,
+                                             self.nms_iou, self.post_nms_topk[self.training]))
             return results
 
 
