@@ -9,5 +9,5 @@ setup(
     python_requires=">=3.8",
     # detectron2 itself is installed by tools/install_detectron2.py (it is not on PyPI by name).
     install_requires=["torch", "fvcore", "numpy", "tqdm", "h5py", "lmdb", "fsspec"],
-    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist"], "bench": ["psutil"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "webdataset"], "bench": ["psutil"]},
 )

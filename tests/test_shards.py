@@ -54,7 +54,7 @@ def write_shard(path, samples, truncate_at=None):
     with tarfile.open(path, "w") as tar:
         for key, seed, h, w in samples:
             image = b"not an image" if seed is None else png_bytes(generated(seed, h, w))
-            members = {"png": image, "json": json.dumps({"url": f"http://x/{key}.png", "width": w}).encode(),
+            members = {"png": image, "json": json.dumps(sample_json(key, w)).encode(),
                        "txt": f"caption {key}".encode()}
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
@@ -135,8 +135,12 @@ def test_shards_equal_a_folder_extraction(clean, folder_run):
     members = {}
     for name in SHARDS:
         with tarfile.open(clean / f"{name}.tar") as tar:
+            names = tar.getnames()
+            good = [k for k, seed, _, _ in SHARDS[name] if k in GOOD]
+            assert names == [f"{k}.{ext}" for k in good for ext in ("npz", "json", "txt")]
             for info in tar.getmembers():
-                members[info.name[: -len(".npz")]] = tar.extractfile(info).read()
+                if info.name.endswith(".npz"):
+                    members[info.name[: -len(".npz")]] = tar.extractfile(info).read()
     assert sorted(members) == sorted(GOOD)
     for key in GOOD:
         assert members[key] == (out / "npz" / f"{key}.npz").read_bytes(), key
@@ -281,6 +285,45 @@ def test_read_back_by_id_and_as_stream(clean):
         assert entry["num_bbox"] == record["num_bbox"] == len(record["x"])
         assert (entry["image_h"], entry["image_w"]) == (record["image_h"], record["image_w"])
         assert entry["txt"] == f"caption {key}" and entry["json"]["url"] == f"http://x/{key}.png"
+
+
+def sample_json(key, w):
+    return {"url": f"http://x/{key}.png", "width": w}
+
+
+def test_webdataset_reads_features_and_caption_together(clean):
+    """webdataset's own reader: each sample of an output shard is the npz record with the input's json and txt."""
+    wds = pytest.importorskip("webdataset")
+    folder = ShardFolder(str(clean))
+    widths = {k: w for samples in SHARDS.values() for k, _, _, w in samples}
+    urls = [str(clean / f"{name}.tar") for name in SHARDS]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == GOOD
+    for sample in samples:
+        key = sample["__key__"]
+        assert sample["json"] == sample_json(key, widths[key]) and sample["txt"] == f"caption {key}"
+        record = folder[key]
+        assert sorted(sample["npz"]) == sorted(record)
+        for name, value in record.items():
+            np.testing.assert_array_equal(sample["npz"][name], value)
+
+
+def test_hugging_face_datasets_reads_the_shards(clean):
+    """``datasets.load_dataset("webdataset", ..., streaming=True)`` decodes the npz members too."""
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (not a dependency)")
+    urls = [str(clean / f"{name}.tar") for name in SHARDS]
+    stream = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", streaming=True)
+    folder = ShardFolder(str(clean))
+    keys = []
+    for sample in stream:
+        key = sample["__key__"]
+        keys.append(key)
+        assert sample["txt"] == f"caption {key}" and sample["json"]["url"] == f"http://x/{key}.png"
+        record = folder[key]
+        for name in ("x", "bbox", "objects_id", "objects_conf", "num_bbox", "image_h", "image_w"):
+            expected = np.asarray(record[name])
+            np.testing.assert_array_equal(np.asarray(sample["npz"][name], expected.dtype), expected)
+    assert keys == GOOD
 
 
 def test_sigkill_mid_shard_then_rerun_equals_clean(model, tool_cfg, shards, clean, extractor, tmp_path):

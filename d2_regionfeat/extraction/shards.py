@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..formats.shard import CARRIED
 from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, list_inputs, one_line
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -184,18 +185,6 @@ def _sample_id(sample, id_field):
         raise ValueError(f"no --id-field {id_field!r} in the sample's json ({one_line(e)})")
 
 
-def _carried(sample):
-    carried = {}
-    if "json" in sample:
-        try:
-            carried["json"] = json.loads(sample["json"])
-        except ValueError:
-            carried["json"] = sample["json"].decode("utf-8", "replace")
-    if "txt" in sample:
-        carried["txt"] = sample["txt"].decode("utf-8", "replace")
-    return carried
-
-
 def _image_member(sample):
     for ext in _IMAGE_EXTS:
         if ext in sample:
@@ -216,11 +205,14 @@ class _Member(io.BytesIO):
 
 @dataclass(frozen=True)
 class ShardItem(ImageItem):
-    """An image of an input shard: ``path`` is its member; ``key`` names its output member."""
+    """
+    An image of an input shard: ``path`` is its member; ``key`` names its output member;
+    ``carried``: the sample's members that its output shard carries (extension -> bytes).
+    """
 
     shard: str = ""
     key: str = ""
-    carried: Dict = field(default_factory=dict)
+    carried: Dict[str, bytes] = field(default_factory=dict)
     data: Optional[bytes] = None
 
 
@@ -254,7 +246,7 @@ def tar_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[Sha
         if ext is None:
             yield ShardItem(image_id, key, "sample has no image member", shard.name, key)
             continue
-        yield ShardItem(image_id, f"{key}.{ext}", None, shard.name, key, _carried(sample), sample[ext])
+        yield ShardItem(image_id, f"{key}.{ext}", None, shard.name, key, {e: sample[e] for e in CARRIED if e in sample}, sample[ext])
 
 
 def shard_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[ShardItem]:

@@ -1,13 +1,15 @@
 """
-``shards``: a folder of output shards, each ``<name>.tar`` of per-image ``.npz`` members (the
-record bytes of :func:`.records.encode_npz`, our ``npz`` layout) beside ``<name>.jsonl``, its
-index, one line per member in tar order::
+``shards``: a folder of output shards, each ``<name>.tar`` of per-image samples: a ``<key>.npz``
+member (the record bytes of :func:`.records.encode_npz`, our ``npz`` layout), followed by the
+input sample's ``<key>.json`` and ``<key>.txt`` members (:data:`CARRIED`, their bytes unchanged)
+when it had them, so that a webdataset pipeline gets features and caption as one sample; beside
+it ``<name>.jsonl``, its index, one line per record in tar order::
 
     {"id": ..., "member": "<key>.npz", "offset": byte offset of the member's data in the tar,
      "size": its length, "num_bbox": N, "image_h": H, "image_w": W, "json": {...}, "txt": "..."}
 
-(``json`` and ``txt``: what the input sample carried, when it did; ``num_bbox`` only for a
-record with regions), and ``<name>.failures.jsonl``, the shard's inputs that gave no record
+(``json`` (parsed, or its text when it is no json) and ``txt``: the carried members, when the
+sample had them; ``num_bbox`` only for a record with regions), and ``<name>.failures.jsonl``, the shard's inputs that gave no record
 (``{"id", "shard", "member", "reason"}``). A member holds every key of the record, grid ones
 too. An input shard that could not be read at all leaves only its failures (no index), so it
 is not complete.
@@ -28,6 +30,8 @@ from .records import GRID_KEYS, RECORD_KEYS, decode_npz, encode_npz
 
 # What a member holds of a record: its region keys, then the grid ones.
 MEMBER_KEYS = RECORD_KEYS + tuple(k for k in GRID_KEYS if k not in RECORD_KEYS)
+# The input sample's members carried into the output tar (after the npz) and its index.
+CARRIED = ("json", "txt")
 
 # The layout's name for :func:`d2_regionfeat.formats.read_features`.
 SHARDS = "shards"
@@ -46,6 +50,19 @@ def shard_paths(output_dir: str, name: str) -> Dict[str, str]:
 def is_complete(output_dir: str, name: str) -> bool:
     """Whether shard ``name`` was written to the end (its index, renamed last, exists)."""
     return os.path.isfile(shard_paths(output_dir, name)["index"])
+
+
+def _index_fields(carried: Dict[str, bytes]) -> Dict:
+    """The index line's ``json`` and ``txt`` of the carried members' bytes."""
+    fields = {}
+    if "json" in carried:
+        try:
+            fields["json"] = json.loads(carried["json"])
+        except ValueError:
+            fields["json"] = carried["json"].decode("utf-8", "replace")
+    if "txt" in carried:
+        fields["txt"] = carried["txt"].decode("utf-8", "replace")
+    return fields
 
 
 def _write_lines(path, rows):
@@ -75,21 +92,33 @@ class ShardWriter:
         self.index: List[Dict] = []
         self.failures: List[Dict] = []
 
-    def add(self, record: Dict, member_key: str, carried: Optional[Dict] = None):
-        """Append ``record`` as member ``<member_key>.npz``; ``carried``: metadata for its index line."""
-        data = encode_npz(record, MEMBER_KEYS)
-        info = tarfile.TarInfo(member_key + ".npz")
+    def _member(self, name: str, data: bytes) -> int:
+        """Append member ``name`` of ``data``; returns the byte offset of its data in the tar."""
+        info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         # a ustar header is one block: the data starts right after it
         offset = self._tar.offset + tarfile.BLOCKSIZE
         self._tar.addfile(info, io.BytesIO(data))
+        return offset
+
+    def add(self, record: Dict, member_key: str, carried: Optional[Dict[str, bytes]] = None):
+        """
+        Append ``record`` as member ``<member_key>.npz``, then ``carried`` (extension in
+        :data:`CARRIED` -> the input sample's bytes) as ``<member_key>.<extension>``.
+        """
+        carried = carried or {}
+        data = encode_npz(record, MEMBER_KEYS)
         entry = {
-            "id": record["image_id"], "member": info.name, "offset": offset, "size": len(data),
+            "id": record["image_id"], "member": member_key + ".npz",
+            "offset": self._member(member_key + ".npz", data), "size": len(data),
             "image_h": int(record["image_h"]), "image_w": int(record["image_w"]),
         }
+        for ext in CARRIED:
+            if ext in carried:
+                self._member(f"{member_key}.{ext}", carried[ext])
         if "num_bbox" in record:
             entry["num_bbox"] = int(record["num_bbox"])
-        entry.update(carried or {})
+        entry.update(_index_fields(carried))
         self.index.append(entry)
 
     def fail(self, entry: Dict):
@@ -236,7 +265,8 @@ class ShardFolder:
         for position in range(len(self.shards)):
             with tarfile.open(self.tar(position), mode="r|") as tar:
                 for member in tar:
-                    yield decode_npz(tar.extractfile(member).read())
+                    if member.name.endswith(".npz"):
+                        yield decode_npz(tar.extractfile(member).read())
 
     def failures(self) -> List[Dict]:
         """The failures of the complete shards."""
