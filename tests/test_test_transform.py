@@ -69,7 +69,7 @@ def test_a_500x333_image_enters_the_run_at_900x600(tmp_path):
     cfg = narrow_cfg()
     assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (600, 1000)
     save_bgr(tmp_path / "a.png", generated(1, 333, 500))
-    job = ExtractionJob(cfg=cfg, items=[], output_dir="", formats=[], emits=None, names=None)
+    job = ExtractionJob(model_config=as_model_config(cfg), items=[], output_dir="", formats=[], emits=None, names=None)
     entry = job.images([ImageItem("a", str(tmp_path / "a.png"))])[0]
     assert tuple(entry["image"].shape[-2:]) == (600, 900)
     assert (entry["height"], entry["width"]) == (333, 500)
