@@ -10,7 +10,6 @@ import logging
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from ..formats.grid import grid_record

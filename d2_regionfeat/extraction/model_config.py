@@ -31,15 +31,13 @@ from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils.file_io import PathManager
 
 from ..data.transforms import AugmentationChain, build_test_transform
 from ..modeling.config import check_region_settings
-from ..modeling.enable import enable_region_features, locate_target
+from ..modeling.enable import enable_region_features, is_feature_predictor, lazy_box_predictor
 from ..modeling.given_boxes import RegionPredictor
 from ..modeling.meta_arch import check_built_model
-from ..modeling.predictor import FeatureFastRCNNOutputLayers
 from ..modeling.vocabulary import Vocabularies, vocabularies
 from .inputs import one_line
 from .manifest import sha256_file, sha256_text
@@ -456,8 +454,8 @@ def _load_lazy(path, text, overrides, weights, device):
 def _apply_lazy_settings(model, settings):
     """Put the ``region_features`` settings into the enabled LazyConfig ``model``."""
     heads = model.roi_heads
-    predictor = heads.box_predictors[-1] if "box_predictors" in heads else heads.get("box_predictor")
-    feature_predictor = predictor is not None and locate_target(predictor.get("_target_")) is FeatureFastRCNNOutputLayers
+    predictor = lazy_box_predictor(heads)
+    feature_predictor = is_feature_predictor(predictor)
     for key, value in settings.items():
         if key in _HEAD_KEYS:
             heads[key] = value

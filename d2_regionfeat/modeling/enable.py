@@ -65,21 +65,31 @@ def _enable_lazy(cfg):
     if heads is None or "_target_" not in heads:
         raise ValueError("the LazyConfig has no model.roi_heads._target_ to give region features")
     heads._target_ = region_feature_heads(locate_target(heads._target_))
-    for key in ("box_predictor", "box_predictors"):
-        if key not in heads:
-            continue
-        node = heads[key][-1] if key == "box_predictors" else heads[key]
-        if hasattr(node, "keys") and "_target_" in node and locate_target(node._target_) is FastRCNNOutputLayers:
-            node._target_ = FeatureFastRCNNOutputLayers
+    node = lazy_box_predictor(heads)
+    if node is not None and locate_target(node.get("_target_")) is FastRCNNOutputLayers:
+        node._target_ = FeatureFastRCNNOutputLayers
     if region_rcnn_setting(_lazy_selection(heads)) and locate_target(cfg.model.get("_target_")) is GeneralizedRCNN:
         cfg.model._target_ = RegionFeatureRCNN
     return cfg
 
 
+def lazy_box_predictor(heads):
+    """
+    The box predictor node of LazyConfig ROI heads that gives the outputs (a cascade's last
+    stage's), or None where the heads name none.
+    """
+    node = heads["box_predictors"][-1] if "box_predictors" in heads else heads.get("box_predictor")
+    return node if hasattr(node, "keys") else None
+
+
+def is_feature_predictor(node) -> bool:
+    """Whether a box predictor node (:func:`lazy_box_predictor`) is a FeatureFastRCNNOutputLayers."""
+    return node is not None and locate_target(node.get("_target_")) is FeatureFastRCNNOutputLayers
+
+
 def _lazy_selection(heads) -> str:
     """The selection of LazyConfig ROI heads: their Feature predictor's, else their ``region_selection``'s."""
-    predictors = heads.get("box_predictors") or [heads.get("box_predictor")]
-    predictor = predictors[-1]
-    if hasattr(predictor, "keys") and locate_target(predictor.get("_target_")) is FeatureFastRCNNOutputLayers:
+    predictor = lazy_box_predictor(heads)
+    if is_feature_predictor(predictor):
         return predictor.get("selection", "detections")
     return (heads.get("region_selection") or {}).get("selection", "detections")

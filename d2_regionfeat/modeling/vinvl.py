@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from detectron2.config import configurable
-from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, DefaultAnchorGenerator
