@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Region features from detectron2 detectors, through config keys alone",
     packages=find_packages(include=["d2_regionfeat", "d2_regionfeat.*"]),
-    package_data={"d2_regionfeat": ["model/*.yaml", "model/*.pth"]},
+    package_data={"d2_regionfeat": ["pretrained/*.yaml", "pretrained/*.pth"]},
     python_requires=">=3.8",
     # detectron2 itself is installed by tools/install_detectron2.py (it is not on PyPI by name).
     install_requires=["torch", "fvcore", "numpy", "tqdm", "h5py", "lmdb", "fsspec"],

@@ -26,7 +26,7 @@ from bench_extract import COLUMNS, compare
 from bench_amp import load_inputs, model_cfg
 from common import parser, report, save_model, synchronize, write_images
 from d2_regionfeat.extraction.model_call import BatchExtractor
-from d2_regionfeat.formats import WRITERS
+from d2_regionfeat.formats import LAYOUTS
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 
@@ -101,7 +101,7 @@ def breakdown(cfg, photos, args, work):
     extractor = BatchExtractor(cfg)
     inputs = load_inputs(cfg, photos)[: args.profile_images]
     StageRanges(extractor.model, args.device)
-    writer = WRITERS["npz"](os.path.join(work, "profiled"), 0, 1)
+    writer = LAYOUTS["npz"](os.path.join(work, "profiled"), 0, 1)
     if args.device.startswith("cuda"):
         extractor(inputs[:1])  # warm-up: CUDA context, cuDNN autotuning
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -18,8 +18,8 @@ import tempfile
 
 from common import parser, report, run_child, shipped_model, write_images
 from d2_regionfeat.formats import REGION_FORMATS
-from d2_regionfeat.formats.hdf5 import Hdf5Writer
-from d2_regionfeat.formats.tsv import TsvWriter
+from d2_regionfeat.formats.hdf5 import Hdf5Layout
+from d2_regionfeat.formats.tsv import TsvLayout
 from d2_regionfeat.io import read_features
 from records import RecordMaker, write_records
 
@@ -78,7 +78,7 @@ def merge_under_cap(work, part_mb, cap_mb, slab_mb=None, regions=36, dim=2048):
     maker = RecordMaker(regions, dim)
     per_part = int(part_mb * 2**20 / RecordMaker.payload_bytes(maker(0))) + 1
     for rank in range(2):
-        writers = [TsvWriter(out, rank, 2), Hdf5Writer(out, rank, 2)]
+        writers = [TsvLayout(out, rank, 2), Hdf5Layout(out, rank, 2)]
         for writer in writers:
             write_records(writer, maker, rank * per_part, (rank + 1) * per_part)
             writer.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Writers: --records records (N = --regions, D = --dim, float32) written through every layout
-of ``d2_regionfeat.formats.WRITERS`` (write, close, merge, as a 1-process extract_net run
+of ``d2_regionfeat.formats.LAYOUTS`` (write, close, merge, as a 1-process extract_net run
 does), then read back with ``d2_regionfeat.io.read_features``; MB/s (of the records' arrays)
 and records/s of each, and the size on disk. The full setting is the issue's: 10 000 records,
 N = 36, D = 2048 (3 GB of features per layout, one layout on disk at a time).
@@ -22,7 +22,7 @@ import numpy as np
 
 from common import parser, report, run_child, shipped_model, write_images
 from d2_regionfeat.extraction.manifest import write_manifest
-from d2_regionfeat.formats import REGION_FORMATS, WRITERS, WriteOnlyLayoutError
+from d2_regionfeat.formats import REGION_FORMATS, LAYOUTS, WriteOnlyLayoutError
 from d2_regionfeat.io import read_features
 from records import RecordMaker, write_records
 
@@ -38,10 +38,10 @@ def bench_layout(name, maker, count, folder):
     os.makedirs(folder)
     write_manifest(folder, {"formats": [name]})  # as a run does before writing (oscar reads it)
     start = time.perf_counter()
-    writer = WRITERS[name](folder, 0, 1)
+    writer = LAYOUTS[name](folder, 0, 1)
     write_records(writer, maker, 0, count)
     writer.close()
-    WRITERS[name].merge(folder, 1)
+    LAYOUTS[name].merge(folder, 1)
     shutil.rmtree(os.path.join(folder, "parts"), ignore_errors=True)  # as a finished run does
     write_s = time.perf_counter() - start
     mb = count * RecordMaker.payload_bytes(maker(0)) / 1e6

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import d2_regionfeat.extraction.job  # noqa: E402
-from d2_regionfeat.formats import WRITERS  # noqa: E402
+from d2_regionfeat.formats import LAYOUTS  # noqa: E402
 
 
 class ModelClock:
@@ -58,7 +58,7 @@ class ModelClock:
 
 class WriterClock:
     """
-    Seconds spent in the writers of :data:`WRITERS` (``write``, ``close``, ``merge``),
+    Seconds spent in the writers of :data:`LAYOUTS` (``write``, ``close``, ``merge``),
     counted once where one writer calls another's method.
     """
 
@@ -66,7 +66,7 @@ class WriterClock:
         self.seconds = 0.0
         self.local = threading.local()
         # every original first: a writer class may inherit from another one
-        originals = {cls: (cls.write, cls.close, cls.merge) for cls in WRITERS.values()}
+        originals = {cls: (cls.write, cls.close, cls.merge) for cls in LAYOUTS.values()}
         for cls, (write, close, merge) in originals.items():
             cls.write, cls.close = self._timed(write), self._timed(close)
             cls.merge = staticmethod(self._timed(merge))  # merge is bound to cls already

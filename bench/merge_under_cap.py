@@ -18,8 +18,8 @@ import traceback
 sys.argv.pop(1)  # launch time (see common.run_child); unused
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from d2_regionfeat.formats.hdf5 import Hdf5Writer  # noqa: E402
-from d2_regionfeat.formats.tsv import TsvWriter  # noqa: E402
+from d2_regionfeat.formats.hdf5 import Hdf5Layout  # noqa: E402
+from d2_regionfeat.formats.tsv import TsvLayout  # noqa: E402
 
 
 def vm_size_bytes():
@@ -35,17 +35,17 @@ def main():
     parser.add_argument("--output", required=True)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--cap-mb", type=float, required=True)
-    parser.add_argument("--slab-mb", type=float, help="Hdf5Writer.slab_bytes (default: its own)")
+    parser.add_argument("--slab-mb", type=float, help="Hdf5Layout.slab_bytes (default: its own)")
     args = parser.parse_args()
     if args.slab_mb:
-        Hdf5Writer.slab_bytes = int(args.slab_mb * 2**20)
+        Hdf5Layout.slab_bytes = int(args.slab_mb * 2**20)
     import h5py  # noqa: F401  (loaded before the cap is measured, as the merge loads it)
 
     base = vm_size_bytes()
     cap = base + int(args.cap_mb * 2**20)
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
     result = {"base_vm_mb": base / 2**20, "cap_mb": args.cap_mb}
-    part = TsvWriter.parts(args.output, args.world_size)[0]
+    part = TsvLayout.parts(args.output, args.world_size)[0]
     result["part_mb"] = os.path.getsize(part) / 2**20
     try:
         with open(part, "rb") as f:
@@ -53,7 +53,7 @@ def main():
         result["whole_part_read"] = "succeeded (the cap does not bite)"
     except MemoryError:
         result["whole_part_read"] = "MemoryError"
-    for cls in (TsvWriter, Hdf5Writer):
+    for cls in (TsvLayout, Hdf5Layout):
         start = time.perf_counter()
         try:
             for rank in range(args.world_size):  # what --resume does: recover each part

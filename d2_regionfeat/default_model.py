@@ -9,7 +9,7 @@ import torch
 
 from detectron2.config import get_cfg
 
-MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 CONFIG_FILE = os.path.join(MODEL_DIR, "shapes_mask_rcnn.yaml")
 WEIGHTS_FILE = os.path.join(MODEL_DIR, "shapes_mask_rcnn.pth")
 

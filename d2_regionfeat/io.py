@@ -6,8 +6,8 @@ The layouts live in :mod:`d2_regionfeat.formats`; this module keeps their readin
 """
 from .extraction.manifest import MANIFEST_NAME  # noqa: F401
 from .extraction.run import FAILURES_NAME, NO_REGIONS_NAME, read_features  # noqa: F401
-from .formats import OUTPUT_NAMES, READERS, WriteOnlyLayoutError  # noqa: F401
-from .formats.shard import DuplicateIdError, ShardFolder  # noqa: F401  (folders of output shards)
+from .formats import LAYOUT_PATHS, READERS, WriteOnlyLayoutError  # noqa: F401
+from .formats.feature_shards import DuplicateIdError, ShardFolder  # noqa: F401  (folders of output shards)
 from .formats.records import RECORD_KEYS, decode_npz, encode_npz  # noqa: F401
 from .formats.tsv import TSV_FIELDNAMES, decode_tsv_line, encode_tsv_line  # noqa: F401
 

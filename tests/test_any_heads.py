@@ -424,7 +424,7 @@ def test_source_module_on_fpn_is_the_module_output_for_kept_proposals():
         pooled, _ = pooled_and_head(model, features, [p.proposal_boxes for p in proposals])
         fc1 = model.roi_heads.box_head.fc1(pooled.flatten(1))  # before its ReLU
     results = run(model, batch, postprocess=False)
-    assert sum(len(r) for r in results) > 0 and model.roi_heads.region_outputs().feature_dim is None
+    assert sum(len(r) for r in results) > 0 and model.roi_heads.region_fields().feature_dim is None
     for rows, res in zip(fc1.split([len(p) for p in proposals]), results):
         assert torch.equal(res.box_features, rows[res.proposal_index])
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from d2_regionfeat.extraction.inputs import ImageItem, InputError, list_inputs
-from d2_regionfeat.formats.npz import NpzWriter
+from d2_regionfeat.formats.npz import NpzLayout
 from d2_regionfeat.formats.safety import LineLog, RecordJournal
 from d2_regionfeat.io import TSV_FIELDNAMES, read_features
 from detectron2.data import DatasetCatalog
@@ -281,10 +281,10 @@ def test_torn_records_are_cut_off_on_recovery(tmp_path):
         assert RecordJournal(str(tmp_path / "journal")).ids == {"x"}
         assert (tmp_path / "journal").read_bytes() == whole[: len(whole) - len(b"more") - 17]
 
-    writer = NpzWriter(str(tmp_path / "out"), 0, 1)
+    writer = NpzLayout(str(tmp_path / "out"), 0, 1)
     writer.write([record])
     (tmp_path / "out" / "npz" / "y.npz.0.tmp").write_bytes(b"half")
-    assert NpzWriter(str(tmp_path / "out"), 0, 1).written() == {"x"}
+    assert NpzLayout(str(tmp_path / "out"), 0, 1).written() == {"x"}
     assert sorted(p.name for p in (tmp_path / "out" / "npz").iterdir()) == ["x.npz"]
 
 

@@ -23,8 +23,8 @@ from d2_regionfeat.modeling.vocabulary import Vocabularies
 from d2_regionfeat.extraction.convert import convert as convert_in_process
 from d2_regionfeat.extraction.inputs import list_inputs
 from d2_regionfeat.extraction.model_call import BatchExtractor
-from d2_regionfeat.extraction.run import RunOutputs, merge_outputs
-from d2_regionfeat.formats import REGION_FORMATS, WRITERS, WriteOnlyLayoutError, read_features
+from d2_regionfeat.extraction.run import RankFiles, merge_outputs
+from d2_regionfeat.formats import REGION_FORMATS, LAYOUTS, WriteOnlyLayoutError, read_features
 from d2_regionfeat.formats.records import background_first, spatial6
 from d2_regionfeat.io import read_features as io_read_features
 from d2_regionfeat.modeling.config import region_features_node
@@ -47,7 +47,7 @@ from test_extract_net import (  # noqa: F401  (tool_main is a module fixture)
 
 CONVERT = REPO / "tools" / "convert_features.py"
 ALL = list(REGION_FORMATS)
-CONSUMER = [f for f in ALL if not WRITERS[f].keeps_empty]
+CONSUMER = [f for f in ALL if not LAYOUTS[f].keeps_empty]
 # COCO-style file stems; "...0009" is one flat gray: no detection at SCORE_THRESH_TEST 0.5
 IMAGES = {
     "COCO_val2014_000000000001": (1, 120, 170),
@@ -169,7 +169,7 @@ def test_consumer_readers_read_every_layout(mode, request, tmp_path):
             for k in record.keys() & ours.keys() - {"image_id"}:
                 want = ours[k].astype(record[k].dtype) if isinstance(ours[k], np.ndarray) else ours[k]
                 np.testing.assert_array_equal(record[k], want, err_msg=f"{fmt} {key} {k}")
-        assert len(records) == (4 if WRITERS[fmt].keeps_empty or mode == "regions" else 3), fmt
+        assert len(records) == (4 if LAYOUTS[fmt].keeps_empty or mode == "regions" else 3), fmt
 
 
 def test_images_without_regions_are_listed_and_counted(detections, model, coco_set, tmp_path):
@@ -207,14 +207,14 @@ def assert_same_layouts(out, reference, formats):
                 if k not in ("manifest.json", "no_regions.jsonl") and not k.endswith(".hdf5")
                 and not k.startswith("parts/")}
     assert files(out) == {k: v for k, v in files(reference).items()
-                          if k.split("/")[0] in [WRITERS[f].output_name for f in formats] or k == "failures.jsonl"}
+                          if k.split("/")[0] in [LAYOUTS[f].output_name for f in formats] or k == "failures.jsonl"}
 
     def no_regions(folder):
         entries = [json.loads(line) for line in (folder / "no_regions.jsonl").read_text().splitlines()]
         return [dict(e, left_out_of=set(e["left_out_of"]) & set(formats)) for e in entries]
     assert no_regions(out) == no_regions(reference)
     for fmt in {"hdf5", "lmdb", "ban_hdf5"} & set(formats):
-        name = WRITERS[fmt].output_name
+        name = LAYOUTS[fmt].output_name
         got, want = list(read_features(str(out / name), fmt)), list(read_features(str(reference / name), fmt))
         assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
         assert_same_records(by_id(got), by_id(want))
@@ -384,12 +384,12 @@ def test_records_carry_attributes(tmp_path):
     assert record["attrs_id"].dtype == np.int64 and record["attrs_conf"].dtype == np.float32
     np.testing.assert_array_equal(record["attr_prob"], instances.attr_probs.numpy())
 
-    outputs = RunOutputs(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 0, 1, [item.image_id])
+    outputs = RankFiles(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 0, 1, [item.image_id])
     outputs.store([record])
     outputs.close()
     merge_outputs(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 1)
     for fmt in ("npz", "hdf5", "lmdb"):
-        (got,) = read_features(str(tmp_path / WRITERS[fmt].output_name), fmt)
+        (got,) = read_features(str(tmp_path / LAYOUTS[fmt].output_name), fmt)
         assert_same_records({1: got}, {1: record})
     _, (row,) = consumers.lxmert(tmp_path / "features.tsv")
     np.testing.assert_array_equal(row["attrs_id"], [1, 0])
@@ -414,7 +414,7 @@ def write_ranks(out, records, world_size):
     out.mkdir()
     share = -(-len(records) // world_size)
     for rank in range(world_size):
-        outputs = RunOutputs(str(out), ALL, rank, world_size, ids)
+        outputs = RankFiles(str(out), ALL, rank, world_size, ids)
         outputs.store(records[rank * share: (rank + 1) * share])
         outputs.close()
     return merge_outputs(str(out), ALL, world_size, Vocabularies(["disc", "star", "square"]))
@@ -433,7 +433,7 @@ def test_rank_parts_merge_as_one_process(tmp_path):
         record = by_id(records)[image_id]
         assert od_labels.split() == [["disc", "star", "square"][c] for c in record["objects_id"]]
     for fmt in ("npz", "hdf5", "lmdb"):
-        assert_same_records(by_id(read_features(str(one / WRITERS[fmt].output_name), fmt)),
+        assert_same_records(by_id(read_features(str(one / LAYOUTS[fmt].output_name), fmt)),
                             {r["image_id"]: r for r in records})
 
     cfg = make_cfg("fpn", MIN_REGIONS=-1)
@@ -460,13 +460,13 @@ def test_hdf5_layouts_merge_the_same_in_small_slabs(counts, tmp_path, monkeypatc
     records = [synthetic_record(i, n) for i, n in enumerate(counts, start=1)]
     write_ranks(tmp_path / "one_slab", records, 1)
     for fmt in ("hdf5", "ban_hdf5"):
-        monkeypatch.setattr(WRITERS[fmt], "slab_bytes", 1)
+        monkeypatch.setattr(LAYOUTS[fmt], "slab_bytes", 1)
     write_ranks(tmp_path / "slabs", records, 1)
     for fmt in ("hdf5", "ban_hdf5"):
-        name = WRITERS[fmt].output_name
+        name = LAYOUTS[fmt].output_name
         got = list(read_features(str(tmp_path / "slabs" / name), fmt))
         want = list(read_features(str(tmp_path / "one_slab" / name), fmt))
         assert [r["image_id"] for r in got] == [r["image_id"] for r in want]
-        assert [len(r["x"]) for r in got] == [n for n in counts if n or WRITERS[fmt].keeps_empty]
+        assert [len(r["x"]) for r in got] == [n for n in counts if n or LAYOUTS[fmt].keeps_empty]
         assert_same_records(by_id(got), by_id(want))
     assert os.listdir(tmp_path / "slabs" / "ban") == os.listdir(tmp_path / "one_slab" / "ban")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2_regionfeat import region_outputs
+from d2_regionfeat import region_fields
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
@@ -73,10 +73,10 @@ def test_grid_is_the_backbone_map_by_hand(models, kind, feature, stride):
     grid = out["grid"]
     assert len(out["instances"]) > 0
     rows, cols = -(-200 // stride), -(-280 // stride)
-    assert grid["features"].shape == (region_outputs(model).grid.channels, rows, cols)
+    assert grid["features"].shape == (region_fields(model).grid.channels, rows, cols)
     torch.testing.assert_close(grid["features"], expected[:, :rows, :cols])
     assert grid["image_size"] == (200, 280) and grid["stride"] == (stride, stride)
-    assert region_outputs(model).grid.stride == stride
+    assert region_fields(model).grid.stride == stride
 
 
 def test_pooling_is_adaptive_average_of_the_cells(models):
@@ -88,7 +88,7 @@ def test_pooling_is_adaptive_average_of_the_cells(models):
         cells = by_hand(model, x, "p5")[:, :6, :8]
     torch.testing.assert_close(out["grid"]["features"], F.adaptive_avg_pool2d(cells, (7, 8)))
     assert out["grid"]["stride"] == (6 * 32 / 7, 8 * 32 / 8)
-    assert region_outputs(model).grid.output_fields()["features"] == "(32, 7, 8)"
+    assert region_fields(model).grid.output_fields()["features"] == "(32, 7, 8)"
 
 
 @pytest.mark.equality

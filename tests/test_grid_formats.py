@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2_regionfeat.formats import WRITERS, read_features
+from d2_regionfeat.formats import LAYOUTS, read_features
 from d2_regionfeat.formats.grid import grid_record
 
 GRID_LAYOUTS = ["grid_npz", "grid_hdf5", "grid_feats", "grid_mmf"]
@@ -28,7 +28,7 @@ def records(fp16=False, channels=6):
 
 
 def write(fmt, output_dir, recs):
-    cls = WRITERS[fmt]
+    cls = LAYOUTS[fmt]
     writer = cls(str(output_dir), 0, 1)
     writer.write([dict(r, image_id=cls.key(r["image_id"])) for r in recs])
     writer.close()
@@ -59,7 +59,7 @@ def test_read_features_gives_back_the_grids(tmp_path, fmt):
     back = list(read_features(path, fmt))
     assert len(back) == len(recs)
     for rec, got in zip(recs, back):
-        assert got["image_id"] == WRITERS[fmt].key(rec["image_id"])
+        assert got["image_id"] == LAYOUTS[fmt].key(rec["image_id"])
         np.testing.assert_array_equal(got["grid"], rec["grid"])
         if fmt in ("grid_npz", "grid_hdf5"):  # ours keep the whole record
             assert got["image_id"] == rec["image_id"]
@@ -104,8 +104,8 @@ KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     sys.path[:0] = [{repo!r}, {tests!r}]
-    from test_grid_formats import records, WRITERS
-    cls = WRITERS[{fmt!r}]
+    from test_grid_formats import records, LAYOUTS
+    cls = LAYOUTS[{fmt!r}]
     writer = cls({out!r}, 0, 1)
     rec = records()[0]
     writer.write([dict(rec, image_id=cls.key(rec["image_id"]))])
@@ -125,7 +125,7 @@ def test_resume_after_sigkill(tmp_path, fmt="grid_hdf5"):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    cls = WRITERS[fmt]
+    cls = LAYOUTS[fmt]
     recs = records()
     writer = cls(str(tmp_path), 0, 1)
     keys = [cls.key(r["image_id"]) for r in recs]

@@ -1,8 +1,8 @@
-"""The statement of what a model emits (region_outputs) matches what its outputs carry."""
+"""The statement of what a model emits (region_fields) matches what its outputs carry."""
 import pytest
 import torch
 
-from d2_regionfeat import region_outputs
+from d2_regionfeat import region_fields
 from helpers import build, inputs, make_cfg
 
 
@@ -18,7 +18,7 @@ def regions_cfg(kind, attributes):
 def test_region_outputs_state_the_fields_and_shapes_of_the_outputs(kind, attributes):
     cfg = regions_cfg(kind, attributes)
     model = build(cfg)
-    stated = region_outputs(model)
+    stated = region_fields(model)
     with torch.no_grad():
         out = model(inputs((3, 160, 200)))[0]["instances"]
     assert stated.num_classes == 3 and stated.class_probs and stated.selection == "regions"
@@ -33,7 +33,7 @@ def test_region_outputs_state_the_fields_and_shapes_of_the_outputs(kind, attribu
 def test_region_outputs_of_a_plain_model_is_a_one_line_error():
     model = build(make_cfg("fpn", feature=False), wild=True)
     with pytest.raises(ValueError, match="StandardROIHeads gives no region features"):
-        region_outputs(model)
+        region_fields(model)
 
 
 @pytest.mark.parametrize("kind,attributes", [("fpn", False), ("c4", True)])
@@ -48,7 +48,7 @@ def test_records_hold_the_keys_dtypes_and_shapes_of_the_record_spec(kind, attrib
     extractor.model = build(cfg)
     [x] = inputs((3, 160, 200))
     [record] = extractor([dict(x, item=ImageItem("a", "a.png"), height=160, width=200)])
-    assert list(record) == record_keys(region_outputs(extractor.model))
+    assert list(record) == record_keys(region_fields(extractor.model))
     for key in REGION_SPEC:
         if key.name not in record or key.shape == "":
             continue

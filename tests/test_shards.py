@@ -25,9 +25,9 @@ from d2_regionfeat.extraction.manifest import OutputFolderError
 from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.extraction.model_config import ConfigError, load_model_config
 from d2_regionfeat.extraction.pipeline import extract_shards
-from d2_regionfeat.extraction.shards import expand_braces, select_shards
-from d2_regionfeat.formats import WRITERS
-from d2_regionfeat.formats.shard import DuplicateIdError
+from d2_regionfeat.extraction.input_shards import expand_braces, select_shards
+from d2_regionfeat.formats import LAYOUTS
+from d2_regionfeat.formats.feature_shards import DuplicateIdError
 from d2_regionfeat.io import ShardFolder, read_features
 
 from test_extract_net import TOOL, generated, save_bgr, tool_args, tool_env, tool_main  # noqa: F401
@@ -217,7 +217,7 @@ CONVERTED = ["butd_tsv", "tsv", "ban_hdf5", "hdf5", "lmdb"]
 
 def layout_rows(out, fmt):
     """A layout's records read back, and for a one-file layout its bytes."""
-    path = out / WRITERS[fmt].output_name
+    path = out / LAYOUTS[fmt].output_name
     return list(read_features(str(path), fmt)), path.read_bytes() if path.suffix == ".tsv" else None
 
 

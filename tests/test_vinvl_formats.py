@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import pytest
 
-from d2_regionfeat.formats import WRITERS
+from d2_regionfeat.formats import LAYOUTS
 from d2_regionfeat.io import read_features
 from d2_regionfeat.modeling.vocabulary import Vocabularies
 from d2_regionfeat.formats.records import spatial6
@@ -36,11 +36,11 @@ def records():
 
 def write(tmp_path, fmt, manifest):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    writer = WRITERS[fmt](str(tmp_path), 0, 1)
+    writer = LAYOUTS[fmt](str(tmp_path), 0, 1)
     writer.write(records())
     writer.close()
     names = Vocabularies(manifest.get("class_names"), manifest.get("attribute_names"))
-    WRITERS[fmt].merge(str(tmp_path), 1, **({"names": names} if WRITERS[fmt].takes_names else {}))
+    LAYOUTS[fmt].merge(str(tmp_path), 1, **({"names": names} if LAYOUTS[fmt].takes_names else {}))
 
 
 def sgb_reader(path):

@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 from d2_regionfeat.extraction.convert import ConversionError, convert  # noqa: E402
-from d2_regionfeat.formats import WRITERS  # noqa: E402
+from d2_regionfeat.formats import LAYOUTS  # noqa: E402
 from d2_regionfeat.extraction.inputs import ID_MODES  # noqa: E402
 from d2_regionfeat.extraction.manifest import OutputFolderError  # noqa: E402
 from d2_regionfeat.extraction.run import format_names  # noqa: E402
@@ -45,7 +45,7 @@ def get_parser():
     )
     parser.add_argument(
         "--format", action="append", nargs="+", required=True, metavar="F",
-        help=f"layout(s) to write, space- or comma-separated, repeatable: {', '.join(WRITERS)}",
+        help=f"layout(s) to write, space- or comma-separated, repeatable: {', '.join(LAYOUTS)}",
     )
     parser.add_argument("--output", required=True, metavar="OUT_DIR", help="new or empty folder")
     parser.add_argument(

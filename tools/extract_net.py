@@ -70,9 +70,9 @@ from d2_regionfeat.extraction.model_config import (  # noqa: E402
 )
 from d2_regionfeat.extraction.pipeline import extract  # noqa: E402
 from d2_regionfeat.extraction.run import format_names  # noqa: E402
-from d2_regionfeat.extraction.shards import is_shard_source  # noqa: E402
-from d2_regionfeat.formats.shard import ShardFolder  # noqa: E402
-from d2_regionfeat.formats import WRITERS  # noqa: E402
+from d2_regionfeat.extraction.input_shards import is_shard_source  # noqa: E402
+from d2_regionfeat.formats.feature_shards import ShardFolder  # noqa: E402
+from d2_regionfeat.formats import LAYOUTS  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -83,7 +83,7 @@ def get_parser():
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--format", action="append", nargs="+", metavar="F",
-        help=f"output formats, space- or comma-separated, repeatable: {', '.join(WRITERS)} (default npz); "
+        help=f"output formats, space- or comma-separated, repeatable: {', '.join(LAYOUTS)} (default npz); "
         "mmf, vilbert and ban_hdf5 write pickles (their readers' design)",
     )
     parser.add_argument(

@@ -6,7 +6,7 @@ so the file loads into the plain and the Feature heads alike (DetectionCheckpoin
 to the model's dtype).
 
     python tools/ship_model.py output/shapes_mask_rcnn/model_final.pth \\
-        d2_regionfeat/model/shapes_mask_rcnn.pth
+        d2_regionfeat/pretrained/shapes_mask_rcnn.pth
 """
 import argparse
 import os

@@ -9,7 +9,7 @@ registered with their images under ``$D2_REGIONFEAT_DATASETS`` (default
 
     python tools/train_net.py --config-file configs/synthetic/shapes_mask_rcnn.yaml
     python tools/train_net.py --config-file configs/synthetic/shapes_mask_rcnn.yaml \\
-        --eval-only MODEL.WEIGHTS d2_regionfeat/model/shapes_mask_rcnn.pth
+        --eval-only MODEL.WEIGHTS d2_regionfeat/pretrained/shapes_mask_rcnn.pth
 
 With ``MODEL.ATTRIBUTE_ON``, training reads the annotations' ``attribute_ids``
 (AttributeDatasetMapper) and evaluation also reports the attribute accuracy on the

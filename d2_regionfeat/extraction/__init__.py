@@ -14,7 +14,7 @@ from .manifest import OutputFolderError, read_manifest
 from .job import ExtractionError, ExtractionJob, prepare_job
 from .model_call import BatchExtractor
 from .pipeline import extract
-from .run import RunFolder, RunOutputs, read_features
+from .run import RunFolder, RankFiles, read_features
 
 __all__ = [
     "BatchExtractor",
@@ -27,7 +27,7 @@ __all__ = [
     "InputError",
     "OutputFolderError",
     "RunFolder",
-    "RunOutputs",
+    "RankFiles",
     "extract",
     "list_inputs",
     "prepare_job",

@@ -10,13 +10,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-from ..formats import WRITERS, LayoutIdError, WriteOnlyLayoutError, read_features
+from ..formats import LAYOUTS, LayoutIdError, WriteOnlyLayoutError, read_features
 from ..formats.records import GRID_REQUIRED_KEYS, REQUIRED_KEYS, int_id
-from ..formats.shard import SHARDS, DuplicateIdError, ShardFolder, holds_shards, shard_folders
+from ..formats.feature_shards import SHARDS, DuplicateIdError, ShardFolder, holds_shards, shard_folders
 from ..modeling.vocabulary import Vocabularies
 from .manifest import read_manifest
 from .run import NO_REGIONS, FailureLog, NoRegionsLog, RunFolder, check_formats, check_ids, read_log
-from .shards import SHARDS_MANIFEST
+from .input_shards import SHARDS_MANIFEST
 
 # Source layouts, best first: complete records (class probabilities, images without
 # regions), in input order where possible.
@@ -58,7 +58,7 @@ def _check_source(record, source, formats, grid=False):
             f"the source layout {source} lacks {', '.join(missing)}: convert from npz, hdf5 or lmdb"
         )
     for fmt in formats:
-        for key, hint in WRITERS[fmt].needs.items():
+        for key, hint in LAYOUTS[fmt].needs.items():
             if key not in record:
                 raise ConversionError(
                     f"--format {fmt} needs {hint}; the source layout {source} holds no {key}"
@@ -170,7 +170,7 @@ def convert(in_dir, formats: Sequence[str], output_dir: str, id_mode: Optional[s
         formats = check_formats(formats)
     except ValueError as e:
         raise ConversionError(str(e))
-    grid = {WRITERS[f].grid for f in formats}
+    grid = {LAYOUTS[f].grid for f in formats}
     if len(grid) > 1:
         raise ConversionError("--format mixes grid and region layouts: convert them separately")
     grid = grid.pop()
@@ -197,7 +197,7 @@ def convert(in_dir, formats: Sequence[str], output_dir: str, id_mode: Optional[s
     paths = [os.path.abspath(p) for p in ([source.path] if isinstance(source.path, str) else source.path)]
     manifest = dict(
         source_manifest, complete=False, formats=formats, world_size=1, id=id_mode,
-        format_versions={f: WRITERS[f].version for f in formats},
+        format_versions={f: LAYOUTS[f].version for f in formats},
         converted_from={"path": paths[0] if len(paths) == 1 else paths, "format": source.format},
     )
     for key in ("counts", "feature_dim"):

@@ -13,16 +13,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..formats import WRITERS, LayoutIdError
-from ..formats.shard import is_complete
-from ..modeling.outputs import RegionOutputs, region_outputs
+from ..formats import LAYOUTS, LayoutIdError
+from ..formats.feature_shards import is_complete
+from ..modeling.outputs import RegionFields, region_fields
 from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies
 from .inputs import ImageDataset, ImageItem, list_inputs, one_line
 from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_lines
 from .model_call import BatchExtractor, record_keys
 from .model_config import ModelConfig, as_model_config
 from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
-from .shards import SHARDS_MANIFEST, InputShard, is_shard_source, plan_shards, select_shards
+from .input_shards import SHARDS_MANIFEST, InputShard, is_shard_source, plan_shards, select_shards
 
 
 class ExtractionError(RuntimeError):
@@ -39,7 +39,7 @@ class ExtractionJob:
     output_dir: str
     formats: List[str]
     # what the model emits, asked of it (see modeling/outputs.py)
-    emits: RegionOutputs
+    emits: RegionFields
     # its class and attribute names, known before the manifest is written
     names: Vocabularies
     batch_size: int = 4
@@ -48,7 +48,7 @@ class ExtractionJob:
     amp: bool = False
     # The output folder already holds the finished run.
     complete: bool = False
-    # A shard run: this worker's input shards (``items`` is then empty), see :mod:`.shards`.
+    # A shard run: this worker's input shards (``items`` is then empty), see :mod:`.input_shards`.
     shards: Optional[List[InputShard]] = None
     id_field: Optional[str] = None
     # tar shards: the first ``limit`` samples of each (0: all)
@@ -76,13 +76,13 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
             :func:`.model_config.as_model_config`, plain heads enabled).
         source, image_root, limit, id_mode: what to extract and its ids, see
             :func:`inputs.list_inputs`.
-        formats: names in :data:`formats.WRITERS`.
+        formats: names in :data:`formats.LAYOUTS`.
         world_size: the number of processes of the run (their parts are named by it).
         resume: continue the run that made ``output_dir``.
         claim: check and claim the output folder (the first machine of a run does; the
             others' processes start only once it has).
         shard_size, id_field, shard_index, num_shards: a shard run (tar shards in, or
-            ``shard_size``), see :mod:`.shards`.
+            ``shard_size``), see :mod:`.input_shards`.
         options: the other fields of :class:`ExtractionJob`.
 
     Raises:
@@ -97,7 +97,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         except ValueError as e:
             raise ExtractionError(str(e))
     model_config = as_model_config(cfg)
-    emits = _region_outputs(model_config)
+    emits = _region_fields(model_config)
     if not shard_run:
         _check_needs(emits, formats)
     names = model_config.vocabularies()
@@ -127,7 +127,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "complete": False,
         **model_config.manifest_entries(),
         "formats": formats,
-        "format_versions": {f: WRITERS[f].version for f in formats},
+        "format_versions": {f: LAYOUTS[f].version for f in formats},
         "fp16": bool(options.get("fp16", False)),
         "id": id_mode,
         "class_names": names.class_names,
@@ -148,25 +148,25 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     )
 
 
-def _region_outputs(model_config: ModelConfig) -> RegionOutputs:
+def _region_fields(model_config: ModelConfig) -> RegionFields:
     """
     What the model emits, asked of it built once on the CPU without its weights (what it
     emits does not depend on them): a second or two, before any process starts.
     """
     try:
-        return region_outputs(model_config.build_model("cpu"))
+        return region_fields(model_config.build_model("cpu"))
     except ValueError as e:
         raise ExtractionError(one_line(e))
 
 
-def _check_needs(emits: RegionOutputs, formats):
+def _check_needs(emits: RegionFields, formats):
     """Refuse layouts that need record keys the model does not emit."""
     keys = record_keys(emits)
     for fmt in formats:
-        for key, hint in WRITERS[fmt].needs.items():
+        for key, hint in LAYOUTS[fmt].needs.items():
             if key not in keys:
                 raise ExtractionError(f"--format {fmt} needs {hint}")
-        if not WRITERS[fmt].grid and "x" not in keys:
+        if not LAYOUTS[fmt].grid and "x" not in keys:
             raise ExtractionError(
                 f"--format {fmt} holds regions, which MODEL.REGION_FEATURES.GRID.ONLY does not make"
             )

@@ -14,19 +14,19 @@ import torch
 
 from ..formats.grid import grid_record
 from ..formats.records import GRID_KEYS, REGION_SPEC, RecordKey, image_record
-from ..modeling.outputs import RegionOutputs
+from ..modeling.outputs import RegionFields
 from .inputs import one_line
 from .model_config import as_model_config
 
 logger = logging.getLogger(__name__)
 
 
-def emitted(key: RecordKey, emits: RegionOutputs) -> bool:
+def emitted(key: RecordKey, emits: RegionFields) -> bool:
     """Whether the records of a model that emits ``emits`` hold region key ``key``."""
     return key.when == "always" or getattr(emits, key.when)
 
 
-def record_keys(emits: RegionOutputs) -> List[str]:
+def record_keys(emits: RegionFields) -> List[str]:
     """The keys of the records of a model that emits ``emits``."""
     grid = list(GRID_KEYS) if emits.grid is not None else []
     if emits.grid is not None and emits.grid.only:

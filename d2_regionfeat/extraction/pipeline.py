@@ -20,12 +20,12 @@ from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..formats.shard import is_complete
+from ..formats.feature_shards import is_complete
 from .job import ExtractionJob, finish, prepare_job, shard_summary, summary
 from .manifest import read_manifest
 from .model_call import OutOfMemoryFallback
-from .run import RunFolder, RunOutputs
-from .shards import ShardDataset
+from .run import RunFolder, RankFiles
+from .input_shards import ShardDataset
 from .sinks import FolderSink, ShardSink
 
 # How many batches the writer thread may lag behind the model.
@@ -64,7 +64,7 @@ def _new_stats(skipped):
     return {"skipped": skipped, "done": 0, "failed": 0, "regions": [], "model_s": 0.0, "write_s": 0.0}
 
 
-def _rank_outputs(job: ExtractionJob) -> RunOutputs:
+def _rank_outputs(job: ExtractionJob) -> RankFiles:
     """This rank's writers and logs, over the run's images."""
     usable = [i for i in job.items if not i.error]
     return RunFolder(job.output_dir, job.formats).outputs(

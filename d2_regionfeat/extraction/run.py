@@ -1,7 +1,7 @@
 """
 The bookkeeping of a run (extraction or conversion) in its output folder: the run object
 (:class:`RunFolder`: claim the folder, store records, merge, finish), each rank's writers and
-logs (:class:`RunOutputs`), the failure and no-region logs, and reading an output folder
+logs (:class:`RankFiles`), the failure and no-region logs, and reading an output folder
 back. The layouts themselves are :mod:`d2_regionfeat.formats`.
 """
 import json
@@ -10,7 +10,7 @@ import shutil
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from .. import formats as layouts
-from ..formats import WRITERS, LayoutIdError
+from ..formats import LAYOUTS, LayoutIdError
 from ..formats.safety import LineLog, new_part, part_path, replace_with_copy
 from ..modeling.vocabulary import Vocabularies
 from .manifest import MANIFEST_NAME, claim_output_folder, read_manifest, write_manifest
@@ -81,12 +81,12 @@ def check_formats(formats: Sequence[str]) -> List[str]:
     ``formats`` without repeats.
 
     Raises:
-        ValueError: one is not in :data:`formats.WRITERS`, or there is none (one line).
+        ValueError: one is not in :data:`formats.LAYOUTS`, or there is none (one line).
     """
     formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in WRITERS]
+    unknown = [f for f in formats if f not in LAYOUTS]
     if unknown or not formats:
-        raise ValueError(f"--format must be among {', '.join(WRITERS)}; got {formats}")
+        raise ValueError(f"--format must be among {', '.join(LAYOUTS)}; got {formats}")
     return formats
 
 
@@ -104,7 +104,7 @@ def check_ids(formats: Sequence[str], image_ids: Sequence[str]):
         LayoutIdError: naming the layout and the id(s), one line.
     """
     for fmt in formats:
-        writer = WRITERS[fmt]
+        writer = LAYOUTS[fmt]
         first = {}
         for image_id in image_ids:
             try:
@@ -116,7 +116,7 @@ def check_ids(formats: Sequence[str], image_ids: Sequence[str]):
                     f"{fmt}: images {first[key]!r} and {image_id!r} both get id {key!r}"
                 )
             first[key] = image_id
-class RunOutputs:
+class RankFiles:
     """This rank's writers, failure and no-region logs, and what they held when it started."""
 
     def __init__(self, output_dir: str, formats: Sequence[str], rank: int, world_size: int,
@@ -126,7 +126,7 @@ class RunOutputs:
             image_ids: the ids of the run's images (all ranks'), as the records hold them.
             paths: image id -> file, for the logs.
         """
-        self.writers = [WRITERS[f](output_dir, rank, world_size) for f in formats]
+        self.writers = [LAYOUTS[f](output_dir, rank, world_size) for f in formats]
         self.failures = FailureLog(output_dir, rank, world_size)
         self.no_regions = NoRegionsLog(output_dir, rank, world_size)
         self.paths = paths or {}
@@ -181,15 +181,15 @@ def merge_outputs(output_dir: str, formats: Sequence[str], world_size: int,
     for having no region).
     """
     for fmt in formats:
-        extra = {"names": names} if WRITERS[fmt].takes_names else {}
-        WRITERS[fmt].merge(output_dir, world_size, **extra)
+        extra = {"names": names} if LAYOUTS[fmt].takes_names else {}
+        LAYOUTS[fmt].merge(output_dir, world_size, **extra)
     FailureLog.merge(output_dir, world_size)
     NoRegionsLog.merge(output_dir, world_size)
     no_regions = _count_lines(os.path.join(output_dir, NO_REGIONS_NAME))
     return {
         "failed": _count_lines(os.path.join(output_dir, FAILURES_NAME)),
         "no_regions": no_regions,
-        "left_out": {f: no_regions for f in formats if not WRITERS[f].keeps_empty},
+        "left_out": {f: no_regions for f in formats if not LAYOUTS[f].keeps_empty},
     }
 
 
@@ -222,9 +222,9 @@ class RunFolder:
         return bool(claim_output_folder(self.output_dir, manifest, resume)["complete"])
 
     def outputs(self, rank: int, world_size: int, image_ids: Sequence[str],
-                paths: Dict[str, str] = None) -> "RunOutputs":
-        """This rank's writers and logs (see :class:`RunOutputs`)."""
-        return RunOutputs(self.output_dir, self.formats, rank, world_size, image_ids, paths)
+                paths: Dict[str, str] = None) -> "RankFiles":
+        """This rank's writers and logs (see :class:`RankFiles`)."""
+        return RankFiles(self.output_dir, self.formats, rank, world_size, image_ids, paths)
 
     def finish(self, world_size: int, names: Optional[Vocabularies], inputs: int,
                written: Optional[int] = None, **manifest) -> Dict:
@@ -254,8 +254,8 @@ class RunFolder:
     def feature_dim(self) -> Optional[int]:
         """D, from the first record of a layout that reads back (None without one)."""
         # a one-file layout finds its first record at once; a folder would be listed whole
-        readable = [f for f in self.formats if WRITERS[f].reads_back() and not WRITERS[f].grid]
-        readable.sort(key=lambda f: WRITERS[f].output_name == f)
+        readable = [f for f in self.formats if LAYOUTS[f].reads_back() and not LAYOUTS[f].grid]
+        readable.sort(key=lambda f: LAYOUTS[f].output_name == f)
         for fmt in readable:
             first = next(layouts.read_features(self.output_dir, fmt), None)
             if first is not None:

@@ -1,24 +1,24 @@
 """
 Where the run's loop (:mod:`.pipeline`) hands its batches: a sink's ``store(batch)`` gets the
 loop's entries in input order, each holding its ``"item"`` and either its ``"record"`` or
-the ``"error"`` that stopped it (or, from :class:`.shards.ShardDataset`, the end of an input
+the ``"error"`` that stopped it (or, from :class:`.input_shards.ShardDataset`, the end of an input
 shard); ``close()`` ends it.
 
-* :class:`FolderSink`: this rank's layouts and logs of a folder run (:class:`.run.RunOutputs`);
-* :class:`ShardSink`: one output shard per input shard (:mod:`d2_regionfeat.formats.shard`).
+* :class:`FolderSink`: this rank's layouts and logs of a folder run (:class:`.run.RankFiles`);
+* :class:`ShardSink`: one output shard per input shard (:mod:`d2_regionfeat.formats.feature_shards`).
 
 Either records failures as :func:`.run.failure` entries.
 """
 from typing import Dict, List
 
-from ..formats.shard import ShardWriter
-from .run import RunOutputs, failure
+from ..formats.feature_shards import FeatureShardWriter
+from .run import RankFiles, failure
 
 
 class FolderSink:
     """The writers and logs of a rank of a folder run."""
 
-    def __init__(self, outputs: RunOutputs):
+    def __init__(self, outputs: RankFiles):
         self.outputs = outputs
 
     def store(self, batch: List[Dict]):
@@ -40,12 +40,12 @@ class ShardSink:
 
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
-        self.writers: Dict[str, ShardWriter] = {}
+        self.writers: Dict[str, FeatureShardWriter] = {}
         self.lost: List[str] = []
 
     def _writer(self, name):
         if name not in self.writers:
-            self.writers[name] = ShardWriter(self.output_dir, name)
+            self.writers[name] = FeatureShardWriter(self.output_dir, name)
         return self.writers[name]
 
     def store(self, batch: List[Dict]):

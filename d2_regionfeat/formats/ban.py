@@ -7,14 +7,14 @@ import pickle
 
 import numpy as np
 
-from .base import JournalWriter, register_format
-from .hdf5 import Hdf5Writer, SlabAppender
+from .base import JournalLayout, register_format
+from .hdf5 import Hdf5Layout, SlabAppender
 from .records import spatial6
 from .safety import fsync, write_atomically
 
 
 @register_format("ban_hdf5")
-class BanHdf5Writer(JournalWriter):
+class BanHdf5Layout(JournalLayout):
     """
     ``<output>/ban/``: when every image has the same number N of regions, the fixed layout
     ``featuresN.hdf5`` (``image_features`` (images, N, D), ``image_bb`` (images, N, 4),
@@ -29,7 +29,7 @@ class BanHdf5Writer(JournalWriter):
 
     output_name = "ban"
     int_ids = True
-    slab_bytes = Hdf5Writer.slab_bytes
+    slab_bytes = Hdf5Layout.slab_bytes
 
     @staticmethod
     def stem(folder: str) -> str:

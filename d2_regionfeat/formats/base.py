@@ -9,15 +9,15 @@ from typing import Dict, Iterator, List, Set
 from .records import LayoutIdError, encode_npz, int_id
 from .safety import LineLog, RecordJournal, new_part, part_path, replace_with_copy, write_atomically
 
-WRITERS: Dict[str, type] = {}
+LAYOUTS: Dict[str, type] = {}
 
 
 def register_format(name: str):
-    """Class decorator: register a :class:`FeatureWriter` as layout ``name``."""
+    """Class decorator: register a :class:`Layout` as layout ``name``."""
 
     def register(cls):
         cls.name = name
-        WRITERS[name] = cls
+        LAYOUTS[name] = cls
         return cls
 
     return register
@@ -27,17 +27,17 @@ class WriteOnlyLayoutError(ValueError):
     """Reading a layout that only the consumer's (pickle-loading) code reads."""
 
 
-class FeatureWriter:
+class Layout:
     """
-    The interface of a layout's writer, and its reader. One writer per rank::
+    A layout: its writer (one instance per rank, which also tells what it holds) and its reader::
 
-        writer = WRITERS[name](output_dir, rank, world_size)
-        todo = [r for r in records if WRITERS[name].key(r["image_id"]) not in writer.written()]
-        writer.write([dict(r, image_id=WRITERS[name].key(r["image_id"])) for r in todo])
+        writer = LAYOUTS[name](output_dir, rank, world_size)
+        todo = [r for r in records if LAYOUTS[name].key(r["image_id"]) not in writer.written()]
+        writer.write([dict(r, image_id=LAYOUTS[name].key(r["image_id"])) for r in todo])
         writer.close()
         # on rank 0, after every rank closed:
-        WRITERS[name].merge(output_dir, world_size)
-        records = WRITERS[name].read(os.path.join(output_dir, WRITERS[name].output_name))
+        LAYOUTS[name].merge(output_dir, world_size)
+        records = LAYOUTS[name].read(os.path.join(output_dir, LAYOUTS[name].output_name))
 
     Records are the dicts of :mod:`d2_regionfeat.formats.records`; :meth:`write` gets them
     with ``image_id`` already the layout's key (:meth:`key`).
@@ -107,7 +107,7 @@ class FeatureWriter:
     @classmethod
     def reads_back(cls) -> bool:
         """Whether :meth:`read` reads the layout back (those holding pickles do not)."""
-        return cls.read.__func__ is not FeatureWriter.read.__func__
+        return cls.read.__func__ is not Layout.read.__func__
 
     @classmethod
     def read(cls, path: str) -> Iterator[Dict]:
@@ -118,7 +118,7 @@ class FeatureWriter:
         )
 
 
-class PerImageFilesWriter(FeatureWriter):
+class PerImageFilesLayout(Layout):
     """
     A folder ``<output>/<output_name>/`` of files per image, ``<key><suffix>`` for each of
     :attr:`suffixes`, each written to a temporary name and renamed; the last suffix is
@@ -164,7 +164,7 @@ class PerImageFilesWriter(FeatureWriter):
                 write_atomically(path + suffix, data, self.tmp_suffix)
 
 
-class LineWriter(FeatureWriter):
+class LineLayout(Layout):
     """
     A text file of one line per image, its first tab-separated column the key: each rank
     appends lines to its part (:class:`LineLog`); the merge concatenates the parts into
@@ -194,7 +194,7 @@ class LineWriter(FeatureWriter):
         replace_with_copy(cls.parts(output_dir, world_size), os.path.join(output_dir, cls.output_name))
 
 
-class JournalWriter(FeatureWriter):
+class JournalLayout(Layout):
     """
     A layout whose files do not survive a killed writer (HDF5, files with an index): each
     rank journals its records (:class:`RecordJournal`), and the merge builds the final

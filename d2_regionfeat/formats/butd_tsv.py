@@ -5,7 +5,7 @@ regions (the readers' reshape fails on them).
 """
 import numpy as np
 
-from .base import LineWriter, register_format
+from .base import LineLayout, register_format
 from .records import b64, unb64
 from .tsv import read_lines, rows
 
@@ -13,7 +13,7 @@ BUTD_FIELDNAMES = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "feat
 
 
 @register_format("butd_tsv")
-class ButdTsvWriter(LineWriter):
+class ButdTsvLayout(LineLayout):
     """
     ``<output>/features_butd.tsv``: ``image_id`` (int), ``image_w``, ``image_h``,
     ``num_boxes``, then base64 of ``boxes`` (float32 N x 4) and ``features`` (float32 N x D).

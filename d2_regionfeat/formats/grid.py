@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import GRID_KEYS, GRID_SPEC, encode_npz, from_npz, image_record
 
 GRID_NEEDS = {"grid": "the grid: MODEL.REGION_FEATURES.GRID.ENABLED True (see configs/grid/)"}
@@ -25,7 +25,7 @@ def grid_record(image_id: str, height: int, width: int, grid: dict, fp16: bool =
 
 
 @register_format("grid_npz")
-class GridNpzWriter(PerImageFilesWriter):
+class GridNpzLayout(PerImageFilesLayout):
     """
     ``<output>/grid_npz/<image_id>.npz``, one file per image with the grid record's keys,
     uncompressed, no pickles (``np.load`` reads it with its default ``allow_pickle=False``).

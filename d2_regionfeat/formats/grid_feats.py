@@ -7,13 +7,13 @@ import os
 
 import torch
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .grid import GRID_NEEDS
 from .records import int_id
 
 
 @register_format("grid_feats")
-class GridFeatsWriter(PerImageFilesWriter):
+class GridFeatsLayout(PerImageFilesLayout):
     """
     ``<output>/features/<split>/<int id>.pth``: the grid as a (1, C, H, W) CPU tensor
     (float16 with ``--fp16``); ``<split>`` is the image id's folder (``val2014/COCO_val2014_

@@ -3,14 +3,14 @@ import os
 
 import numpy as np
 
-from .base import JournalWriter, register_format
+from .base import JournalLayout, register_format
 from .grid import GRID_KEYS, GRID_NEEDS
 from .records import encode_npz
 from .safety import fsync
 
 
 @register_format("grid_hdf5")
-class GridHdf5Writer(JournalWriter):
+class GridHdf5Layout(JournalLayout):
     """
     ``<output>/grid.h5``: per image i, ``image_id`` (str), ``image_h``, ``image_w`` (int64),
     ``grid_size`` (2,) int64 and ``grid_stride`` (2,) float32 rows i, and the dataset

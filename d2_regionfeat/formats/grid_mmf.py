@@ -8,13 +8,13 @@ import os
 
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .grid import GRID_NEEDS
 from .records import npy_bytes
 
 
 @register_format("grid_mmf")
-class GridMmfWriter(PerImageFilesWriter):
+class GridMmfLayout(PerImageFilesLayout):
     """``<output>/grid_mmf/<image_id>.npy``: (1, C, H, W) float32 (float16 with ``--fp16``), no pickle."""
 
     output_name = "grid_mmf"

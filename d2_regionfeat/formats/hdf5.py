@@ -4,7 +4,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .base import JournalWriter, register_format
+from .base import JournalLayout, register_format
 from .records import PER_IMAGE_KEYS, PER_REGION_KEYS, SCALAR_KEYS
 from .safety import fsync
 
@@ -56,7 +56,7 @@ class SlabAppender:
 
 
 @register_format("hdf5")
-class Hdf5Writer(JournalWriter):
+class Hdf5Layout(JournalLayout):
     """
     ``<output>/features.h5``: per image ``image_id`` (str), ``image_h``, ``image_w``,
     ``num_bbox`` (int64) and ``offsets`` (images + 1): image i's regions are rows

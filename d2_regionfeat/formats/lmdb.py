@@ -2,13 +2,13 @@
 import os
 import shutil
 
-from .base import FeatureWriter, register_format
+from .base import Layout, register_format
 from .records import decode_npz, encode_npz
 from .safety import new_part, replace_with_copy
 
 
 @register_format("lmdb")
-class LmdbWriter(FeatureWriter):
+class LmdbLayout(Layout):
     """
     ``<output>/features.lmdb``: key the image id in UTF-8, value the npz bytes of
     :func:`.records.encode_npz`; one transaction per batch. Each rank writes its own

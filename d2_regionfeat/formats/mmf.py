@@ -4,12 +4,12 @@ reader's design: written only when asked for, never read back here (unpickling r
 """
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import npy_bytes
 
 
 @register_format("mmf")
-class MmfWriter(PerImageFilesWriter):
+class MmfLayout(PerImageFilesLayout):
     """
     ``<output>/mmf/<image_id>.npy``: features (N, D) float32, and
     ``<output>/mmf/<image_id>_info.npy``: a pickled dict with ``image_id`` (int when the

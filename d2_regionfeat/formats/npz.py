@@ -3,12 +3,12 @@ import os
 
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import encode_npz, from_npz
 
 
 @register_format("npz")
-class NpzWriter(PerImageFilesWriter):
+class NpzLayout(PerImageFilesLayout):
     """
     ``<output>/npz/<image_id>.npz``, one file per image with the record's keys (see
     :mod:`.records`), uncompressed, byte-for-byte reproducible; ``np.load`` reads it with

@@ -7,14 +7,14 @@ import os
 
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import LayoutIdError, encode_npz
 
 _REGION_KEYS = ("objects_id", "objects_conf")
 
 
 @register_format("openvqa")
-class OpenVqaWriter(PerImageFilesWriter):
+class OpenVqaLayout(PerImageFilesLayout):
     """
     ``<output>/openvqa/<image_id>.npz``: ``x`` (D, N) float32 (transposed: the loader does
     ``x.transpose((1, 0))``), ``bbox`` (N, 4), ``num_bbox``, ``image_h``, ``image_w``,
@@ -71,7 +71,7 @@ class OpenVqaWriter(PerImageFilesWriter):
 
 
 @register_format("openvqa_gqa")
-class OpenVqaGqaWriter(OpenVqaWriter):
+class OpenVqaGqaLayout(OpenVqaLayout):
     """
     ``<output>/openvqa_gqa/<image_id>.npz``: ``x`` (N, D) float32, ``bbox`` (N, 4),
     ``width``, ``height``, ``num_bbox``, ``objects_id``, ``objects_conf``.

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .base import JournalWriter, register_format
+from .base import JournalLayout, register_format
 from .records import b64, spatial6, unb64
 from .safety import fsync
 
@@ -12,7 +12,7 @@ FILES = ("features.tsv", "features.lineidx", "labels.tsv", "labels.lineidx")
 
 
 @register_format("oscar")
-class OscarWriter(JournalWriter):
+class OscarLayout(JournalLayout):
     """
     ``<output>/oscar/``: ``features.tsv`` lines ``<image id>\\t<json {"num_boxes": N,
     "features": base64 of float32 (N, D+6), "image_h", "image_w"}>`` (each row the feature

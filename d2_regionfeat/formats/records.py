@@ -30,7 +30,7 @@ class RecordKey:
         source: what it is made from: a field of the output ``Instances`` (regions), a key of
             the output's ``"grid"`` dict (grid); None for a key of the image.
         when: which models emit it: "always", or a :class:`~d2_regionfeat.modeling.outputs.
-            RegionOutputs` property ("class_probs", "butd_attributes", "vinvl_attributes").
+            RegionFields` property ("class_probs", "butd_attributes", "vinvl_attributes").
         fp16: stored as float16 with ``--fp16``.
         meaning: what it holds.
     """

@@ -4,7 +4,7 @@ It holds no image without regions: the reader's ``reshape((num_boxes, -1))`` fai
 """
 import numpy as np
 
-from .base import LineWriter, register_format
+from .base import LineLayout, register_format
 from .records import b64, unb64
 
 TSV_FIELDNAMES = [
@@ -69,7 +69,7 @@ def read_lines(path, decode):
 
 
 @register_format("tsv")
-class TsvWriter(LineWriter):
+class TsvLayout(LineLayout):
     """``<output>/features.tsv``: LXMERT's ``load_obj_tsv`` reads it (ids: strings)."""
 
     output_name = "features.tsv"

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import background_first, encode_npz, spatial6
 
 CLASS_PROBS_HINT = (
@@ -13,7 +13,7 @@ CLASS_PROBS_HINT = (
 
 
 @register_format("uniter")
-class UniterWriter(PerImageFilesWriter):
+class UniterLayout(PerImageFilesLayout):
     """
     ``<output>/uniter/<image_id>.npz``, every array 2-D float16 (``convert_imgdir.py``
     refuses other ranks): ``norm_bb`` (N, 6) spatial6 boxes, ``features`` (N, D),

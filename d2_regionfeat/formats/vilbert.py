@@ -5,12 +5,12 @@ here (unpickling runs code).
 """
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import int_id, npy_bytes
 
 
 @register_format("vilbert")
-class VilbertWriter(PerImageFilesWriter):
+class VilbertLayout(PerImageFilesLayout):
     """
     ``<output>/vilbert/<int id>.npy``: a pickled dict per image for ViLBERT's
     ``script/convert_to_lmdb.py``: ``image_id`` (int), ``image_height``, ``image_width``,

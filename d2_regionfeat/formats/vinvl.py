@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .base import JournalWriter, register_format
+from .base import JournalLayout, register_format
 from .records import b64, unb64
 from .safety import fsync
 
@@ -17,7 +17,7 @@ def _class_and_attribute_names(names):
 
 
 @register_format("vinvl")
-class VinVLWriter(JournalWriter):
+class VinVLLayout(JournalLayout):
     """
     ``<output>/vinvl/predictions.tsv``: one line per image, ``<image id>\\t<json>`` with json
     ``{"objects": [...], "relations": null}``; each object ``rect`` ([x1, y1, x2, y2],

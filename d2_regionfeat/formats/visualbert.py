@@ -3,12 +3,12 @@ import os
 
 import numpy as np
 
-from .base import PerImageFilesWriter, register_format
+from .base import PerImageFilesLayout, register_format
 from .records import npy_bytes
 
 
 @register_format("visualbert")
-class VisualBertWriter(PerImageFilesWriter):
+class VisualBertLayout(PerImageFilesLayout):
     """
     ``<output>/visualbert/<image_id>.npy``: features (N, D) float32. VisualBERT finds them
     by COCO file stem (``COCO_val2014_000000000042``): extract from the COCO image folders.

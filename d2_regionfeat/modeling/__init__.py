@@ -17,7 +17,7 @@ from .enable import enable_region_features
 from .heads import FeatureCascadeROIHeads, FeatureRes5ROIHeads, FeatureROIHeads
 from .meta_arch import RegionFeatureRCNN
 from .ports import grid_feats  # noqa: F401  (registers its checkpoint conversion)
-from .outputs import RegionOutputs, region_outputs
+from .outputs import RegionFields, region_fields
 from .region_heads import region_feature_heads
 from . import vinvl  # noqa: F401  (registers VinVL's legacy parts)
 from .ports import vinvl as _vinvl_port  # noqa: F401  (registers its checkpoint conversion)
@@ -43,8 +43,8 @@ __all__ = [
     "FeatureCascadeROIHeads",
     "FeatureFastRCNNOutputLayers",
     "RegionPredictions",
-    "RegionOutputs",
-    "region_outputs",
+    "RegionFields",
+    "region_fields",
     "ROI_BOX_PREDICTOR_REGISTRY",
     "build_box_predictor",
 ]

@@ -94,7 +94,7 @@ def _add_region_features_node(cfg):
 def _add_grid_node(cfg):
     node = cfg.MODEL.REGION_FEATURES.GRID = CN()
     # Give every output dict a "grid" entry from the same backbone run as the instances (see
-    # d2_regionfeat.modeling.outputs.GridOutputs); needs META_ARCHITECTURE "RegionFeatureRCNN".
+    # d2_regionfeat.modeling.outputs.GridFields); needs META_ARCHITECTURE "RegionFeatureRCNN".
     node.ENABLED = False
     # The map: a backbone output ("res5", "p5", "res4", ...); on a C4 model, whose backbone
     # stops at res4, "res5" is the ROI head's res5 applied to the whole res4 map (as

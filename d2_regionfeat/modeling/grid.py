@@ -4,7 +4,7 @@ feature map of the whole image, taken from the same backbone run as the detectio
 
 :func:`attach_grid` installs two forward hooks on a built model: the backbone's records the
 chosen map of the batch; the model's then gives every output dict a ``"grid"`` entry (see
-:class:`d2_regionfeat.modeling.outputs.GridOutputs`) cut from that map, so nothing runs the
+:class:`d2_regionfeat.modeling.outputs.GridFields`) cut from that map, so nothing runs the
 backbone twice. ``MODEL.META_ARCHITECTURE: "RegionFeatureRCNN"`` attaches it when
 ``MODEL.REGION_FEATURES.GRID.ENABLED`` is set (and skips the proposals and ROI heads with ``ONLY``).
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import grid_node
-from .outputs import GridOutputs
+from .outputs import GridFields
 
 
 class GridFeatures:
@@ -28,7 +28,7 @@ class GridFeatures:
     the cells of the batch's padding are cut off.
     """
 
-    def __init__(self, model: nn.Module, outputs: GridOutputs, source: str, res5: Optional[nn.Module]):
+    def __init__(self, model: nn.Module, outputs: GridFields, source: str, res5: Optional[nn.Module]):
         """
         Args:
             model: a built meta-architecture with ``backbone``.
@@ -94,8 +94,8 @@ def attach_grid(
 ) -> GridFeatures:
     """
     Give ``model`` (a built meta-architecture with ``backbone`` and ``roi_heads``) a grid
-    feature in every output dict; sets ``model.grid_outputs`` (asked by
-    :func:`d2_regionfeat.modeling.outputs.region_outputs`).
+    feature in every output dict; sets ``model.grid_fields`` (asked by
+    :func:`d2_regionfeat.modeling.outputs.region_fields`).
 
     Args:
         feature, pool, only: as ``MODEL.REGION_FEATURES.GRID``'s FEATURE, POOL (None: []) and
@@ -118,6 +118,6 @@ def attach_grid(
             f"MODEL.REGION_FEATURES.GRID.FEATURE {feature!r} is not an output of the "
             f"backbone ({', '.join(shapes)}) nor the res5 of a C4 model's ROI heads"
         )
-    outputs = GridOutputs(feature, channels, stride, tuple(pool) if pool else None, only)
-    model.grid_outputs = outputs
+    outputs = GridFields(feature, channels, stride, tuple(pool) if pool else None, only)
+    model.grid_fields = outputs
     return GridFeatures(model, outputs, source, res5)

@@ -2,8 +2,8 @@
 What a region-feature model emits: the one statement of it, asked of the built model.
 
 Every consumer (the extraction run, the layouts' checks, the tools, the docs' tables) calls
-:func:`region_outputs` on a built model instead of working the fields out again from config
-keys. The ROI heads answer through their ``region_outputs()`` method.
+:func:`region_fields` on a built model instead of working the fields out again from config
+keys. The ROI heads answer through their ``region_fields()`` method.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class GridOutputs:
+class GridFields:
     """
     The grid feature every output dict of the model carries under ``"grid"`` (beside
     ``"instances"``, from the same backbone run), when ``MODEL.REGION_FEATURES.GRID.ENABLED``:
@@ -51,7 +51,7 @@ class GridOutputs:
 
 
 @dataclass(frozen=True)
-class RegionOutputs:
+class RegionFields:
     """
     The fields every output ``Instances`` of the model carries at inference (M regions,
     D feature size, K classes, A attributes), beside detectron2's ``pred_boxes``, ``scores``
@@ -69,7 +69,7 @@ class RegionOutputs:
             ``attr_labels`` (M, L) attribute ids padded with -1 and ``attr_scores`` (M, L)
             padded with 0 instead, L = ``max_attributes``.
         max_attributes: L, the "vinvl" kind's attributes per region.
-        grid: the grid feature beside the instances (:class:`GridOutputs`), or None.
+        grid: the grid feature beside the instances (:class:`GridFields`), or None.
     """
 
     feature_dim: Optional[int]
@@ -79,7 +79,7 @@ class RegionOutputs:
     selection: str = "detections"
     attribute_kind: str = "butd"
     max_attributes: int = 16
-    grid: Optional[GridOutputs] = None
+    grid: Optional[GridFields] = None
 
     @property
     def attributes(self) -> bool:
@@ -111,7 +111,7 @@ class RegionOutputs:
         return fields
 
 
-def region_outputs(model: nn.Module) -> RegionOutputs:
+def region_fields(model: nn.Module) -> RegionFields:
     """
     What ``model`` (a built meta-architecture, or its ROI heads) emits.
 
@@ -119,12 +119,12 @@ def region_outputs(model: nn.Module) -> RegionOutputs:
         ValueError: the model's ROI heads give no region features (one line).
     """
     heads = getattr(model, "roi_heads", model)
-    answer = getattr(heads, "region_outputs", None)
+    answer = getattr(heads, "region_fields", None)
     if answer is None:
         raise ValueError(
             f"{type(heads).__name__} gives no region features: build the model from a config "
             "passed through d2_regionfeat.enable_region_features"
         )
     outputs = answer()
-    grid = getattr(model, "grid_outputs", None)
+    grid = getattr(model, "grid_fields", None)
     return outputs if grid is None else dataclasses.replace(outputs, grid=grid)

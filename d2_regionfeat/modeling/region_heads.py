@@ -43,7 +43,7 @@ from .attributes import attribute_fields
 from .checkpoint import register_checkpoint_conversion
 from .config import check_region_settings, region_features_node, region_selection_settings
 from .meta_arch import check_config_meta_architecture
-from .outputs import RegionOutputs
+from .outputs import RegionFields
 from .predictor import FeatureFastRCNNOutputLayers, RegionSelection, RegionSettings, feature_predictor_like
 from .vocabulary import register_vocabularies
 
@@ -291,14 +291,14 @@ class RegionFeatureHeadsMixin:
         with self.region_selection.output_shapes(shapes):
             yield
 
-    def region_outputs(self) -> RegionOutputs:
+    def region_fields(self) -> RegionFields:
         """What every output ``Instances`` carries (see :mod:`d2_regionfeat.modeling.outputs`)."""
         predictor, settings = self.feature_predictor, self.region_selection
         feature_dim = None  # "pooled", SOURCE_MODULE: what the first call tells
         if self.region_source == "box_head" and not self.source_module:
             feature_dim = getattr(getattr(predictor, "cls_score", None), "in_features", None)
         with_attributes = getattr(predictor, "attribute_on", False)
-        return RegionOutputs(
+        return RegionFields(
             feature_dim=feature_dim,
             num_classes=predictor.num_classes,
             class_probs=settings.class_probs,

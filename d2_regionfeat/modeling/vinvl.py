@@ -188,7 +188,7 @@ class VinVLOutputLayers(FeatureFastRCNNOutputLayers):
         stock = self.box2box_transform
         self.box2box_transform = LegacyBox2BoxTransform(stock.weights, stock.scale_clamp)
         self.attribute_kind = attribute_kind
-        # what region_outputs() reports of the attribute fields
+        # what region_fields() reports of the attribute fields
         self.attribute_outputs = {
             "attribute_kind": attribute_kind, "max_attributes": max_attributes_per_region
         }

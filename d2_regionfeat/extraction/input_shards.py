@@ -3,7 +3,7 @@ Tar shards as the input of a run (``--input 'shards/{00000..00099}.tar'``, or a 
 into shards by ``--shard-size N``): naming, expanding and sharing out the input shards, reading a
 tar stream into samples, and :class:`ShardDataset`, which decodes them in DataLoader workers for
 the run's loop (:mod:`.pipeline`); each becomes one output shard (:mod:`.sinks`,
-:mod:`d2_regionfeat.formats.shard`).
+:mod:`d2_regionfeat.formats.feature_shards`).
 
 Input shards are read with the standard library's ``tarfile`` in stream mode, from a local
 path or glob, any fsspec URL (``s3://``, ``gs://``, ``https://``, where the fsspec filesystem is
@@ -32,7 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..formats.shard import CARRIED
+from ..formats.feature_shards import CARRIED
 from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, list_inputs, one_line
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")

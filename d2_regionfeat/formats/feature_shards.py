@@ -73,7 +73,7 @@ def _write_lines(path, rows):
         os.fsync(f.fileno())
 
 
-class ShardWriter:
+class FeatureShardWriter:
     """
     Writes one output shard (see the module docstring): :meth:`add` each record in order,
     :meth:`fail` each input that gave none, then :meth:`close` puts the shard in place. Until
