@@ -15,7 +15,7 @@ from d2_regionfeat.modeling.explain import explain_detections, format_report
 from d2_regionfeat.modeling.given_boxes import RegionPredictor, regions_for_boxes
 from d2_regionfeat.modeling.selection import select_regions
 
-from helpers import assert_float64_close, build, float64, float64_inputs, image, inputs, make_cfg, narrow
+from helpers import assert_float64_close, assert_scaled_close, build, float64, float64_inputs, image, inputs, make_cfg, narrow
 from reference import backbone_and_proposals, clipped_box, pooled_and_head, proposal_outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def test_select_regions_by_hand():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("thresh, expect", [(0.2, None), (1.0, "min"), (0.0, "max")])
 def test_regions_count_order_and_uniqueness(kind, thresh, expect):
-    model = build(regions_cfg(kind, conf_thresh=thresh, min_boxes=7, max_boxes=15))
+    model = build(narrow(regions_cfg(kind, conf_thresh=thresh, min_boxes=7, max_boxes=15)))
     batch = inputs((1, 200, 280), (2, 210, 270))
     with torch.no_grad():
         features, proposals = backbone_and_proposals(model, batch)
@@ -173,7 +173,7 @@ def test_given_boxes_map_through_the_predictor_resize(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("source", ["box_head", "pooled"])
 def test_final_pooling_equals_repooling_at_final_boxes(kind, source):
-    model = build(make_cfg(kind, pool_at="final", source=source))
+    model = build(narrow(make_cfg(kind, pool_at="final", source=source)))
     batch = inputs((1, 200, 280), (2, 210, 270))
     results = run(model, batch)
     assert sum(len(r) for r in results) > 0
@@ -182,7 +182,7 @@ def test_final_pooling_equals_repooling_at_final_boxes(kind, source):
         pooled, head = pooled_and_head(model, features, [r.pred_boxes for r in results])
     expected = pooled.mean(dim=[2, 3]) if source == "pooled" else head
     got = torch.cat([r.box_features for r in results])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_scaled_close(got, expected)
 
 
 # ---- explaining the drops -----------------------------------------------------------------
@@ -235,8 +235,8 @@ def test_explain_counts_topk_and_postprocessing_removals():
 
 
 def test_explain_tool(tmp_path):
-    cfg = make_cfg("fpn", feature=False)
-    model = build(make_cfg("fpn"))
+    cfg = narrow(make_cfg("fpn", feature=False))
+    model = build(narrow(make_cfg("fpn")))
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
     (tmp_path / "cfg.yaml").write_text(cfg.dump())
     from PIL import Image
