@@ -200,7 +200,7 @@ def test_explain_final_count_equals_the_plain_model(kind):
     plain.load_state_dict(feature.state_dict())
     predictors = plain.roi_heads.box_predictor
     batch = inputs((1, 200, 280), (4, 190, 250), (7, 230, 210))
-    for thresh in (0.05, 0.1, 0.3):
+    for thresh in (0.05, 0.3):
         for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
             predictor.test_score_thresh = thresh  # what ROI_HEADS.SCORE_THRESH_TEST sets
         with torch.no_grad():
