@@ -9,5 +9,10 @@ setup(
     python_requires=">=3.8",
     # detectron2 itself is installed by tools/install_detectron2.py (it is not on PyPI by name).
     install_requires=["torch", "fvcore", "numpy", "tqdm", "h5py", "lmdb", "fsspec"],
-    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "webdataset"], "bench": ["psutil"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "webdataset"],
+        "bench": ["psutil"],
+        # --engine ray (d2_regionfeat/extraction/ray_engine.py)
+        "ray": ["ray[data]"],
+    },
 )
