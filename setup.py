@@ -12,7 +12,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "webdataset"],
         "bench": ["psutil"],
-        # --engine ray (d2_regionfeat/extraction/ray_engine.py)
-        "ray": ["ray[data]"],
+        # --engine ray (d2_regionfeat/extraction/ray_engine.py); tested on Ray 2.60, and Ray 2.64
+        # removes map_batches' **ray_remote_args, which passes max_task_retries
+        "ray": ["ray[data]>=2.60,<2.64"],
     },
 )

@@ -1,13 +1,17 @@
 """
 The Ray Data engine (``tools/extract_net.py --engine ray``), run by the tool in this process on
-one local Ray of 2 CPUs for the module: three input shards (a corrupt member, a truncated tar)
-give the default engine's output shards byte for byte, its summary and exit status; a shard
-that fails once is retried by Ray, one that keeps failing is tried 1 + 3 times, then recorded
-lost as the default engine records it, and the tool exits 1 once the others are done. The Ray
-tests are skipped without Ray (the ``ray`` extra); the refusals run without it.
+one local Ray of 2 CPUs for the module, over the test shards (a corrupt member, a truncated tar)
+and two pipe shards, one failing once, one always: the default engine's output shards byte for
+byte, its summary and exit status; the first shard retried by Ray, the second tried 1 + 1 times
+then recorded lost as the default engine records it, the tool exiting 1 once the others are
+done; a finished rerun rewrites nothing. Skipped without Ray (the ``ray`` extra); the refusals
+run without it.
 """
+import contextlib
+import io
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,49 +32,65 @@ def ray_session():
     ray.shutdown()
 
 
-def summary(capsys, out):
-    """The shard summary the tool printed (less its wall time), its output folder named OUT."""
-    lines = capsys.readouterr().out.splitlines()
-    return [line.replace(str(out), "OUT") for line in lines if line.startswith(("Shards:", "  lost"))]
+def printed(run, out):
+    """The exit status of ``run()`` and the shard summary it printed (less its wall time), ``out`` named OUT."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = run()
+    lines = [line.replace(str(out), "OUT") for line in stdout.getvalue().splitlines()]
+    return status, [line for line in lines if line.startswith(("Shards:", "  lost"))]
 
 
-def mtimes(out):
-    return {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)}
+def on_ray(tool_main, argv):
+    """The tool with --engine ray, the default engine's processes (launch) out of reach."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tool_main.__globals__, "launch", None)
+        return tool_main(argv + ["--engine", "ray", "--ray-retries", "1"])
 
 
-def test_engine_ray_writes_the_default_engines_shards(ray_session, model, shards, tool_main, capsys, tmp_path):
-    default, ray = tmp_path / "default", tmp_path / "ray"
-    assert tool_main(shard_args(model, shards, default)[2:]) == 0
-    want = summary(capsys, default)
-    assert tool_main(shard_args(model, shards, ray, "--engine", "ray")[2:]) == 0
-    assert summary(capsys, ray) == want == [
-        "Shards: 3 of this worker, 0 already complete; 6 images extracted, 2 failed (in <shard>.failures.jsonl) in OUT"]
-    assert sorted(files(ray)) == sorted(f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")) + [
-        "shards.json"]
-    assert files(ray) == files(default)  # tars (npz, json, txt members), index rows, failures, shards.json
-    before = mtimes(ray)
-    assert tool_main(shard_args(model, shards, ray, "--engine", "ray")[2:]) == 0
-    assert summary(capsys, ray)[0].startswith("Shards: 3 of this worker, 3 already complete; 0 images extracted")
-    assert mtimes(ray) == before  # a finished rerun rewrites nothing
+@pytest.fixture(scope="module")
+def runs(ray_session, model, shards, tool_main, tmp_path_factory):
+    """
+    The tool with --engine ray, then with the default engine, over the test shards and two
+    pipe shards: 00002 that fails on its first try only, 99999 on every try (counted in tries).
+    Their output folders, exit statuses and summaries; the tries before the default run.
+    """
+    folder = tmp_path_factory.mktemp("runs")
+    flaky = f"pipe:test -e {folder}/tried || (touch {folder}/tried; exit 1) && cat {shards}/00002.tar"
+    broken = f"pipe:echo try >> {folder}/tries; exit 1; cat {shards}/99999.tar"
+    source = f"{{{shards}/00000.tar,{shards}/00001.tar,{flaky},{broken}}}"
+    out = {"ray": folder / "ray", "default": folder / "default"}
+    ray = printed(lambda: on_ray(tool_main, tool_args(model, source, out["ray"], formats=["npz"])[2:]), out["ray"])
+    tries = (folder / "tries").read_text().splitlines()
+    default = printed(lambda: tool_main(tool_args(model, source, out["default"], formats=["npz"])[2:]),
+                      out["default"])
+    return SimpleNamespace(out=out, ray=ray, default=default, tries=tries, broken=broken)
 
 
-def test_a_failing_shard_is_retried_by_ray_then_recorded_lost(ray_session, model, shards, tool_main, capsys,
-                                                              tmp_path):
-    # 00002 fails on its first try only; 00000 on every try (counted in tries)
-    flaky = f"pipe:test -e {tmp_path}/tried || (touch {tmp_path}/tried; exit 1) && cat {shards}/00002.tar"
-    broken = f"pipe:echo try >> {tmp_path}/tries; exit 1; cat {shards}/00000.tar"
-    source = f"{{{flaky},{broken}}}"
-    ray, default = tmp_path / "ray", tmp_path / "default"
-    assert tool_main(tool_args(model, source, ray, "--engine", "ray", formats=["npz"])[2:]) == 1
-    assert (tmp_path / "tries").read_text().splitlines() == ["try"] * 4  # 1 + Ray's 3 retries
-    got = summary(capsys, ray)
-    [lost] = ShardFolder(str(ray)).lost()
-    assert (lost["shard"], lost["id"], lost["member"]) == ("00000", None, broken)
-    assert ShardFolder(str(ray)).names == ["00002"]  # done, beside the lost one
-    # the default engine on the same input (00002 now read at its first try)
-    assert tool_main(tool_args(model, source, default, formats=["npz"])[2:]) == 1
-    assert got == summary(capsys, default) and got[1].startswith("  lost       1 input shards could not be read (00000;")
-    assert files(ray) == files(default)
+def test_engine_ray_writes_the_default_engines_shards(runs):
+    assert sorted(files(runs.out["ray"])) == sorted(
+        f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")) + ["99999.failures.jsonl", "shards.json"]
+    # tars (npz, json and txt members), index rows, failures, lost record, shards.json
+    assert files(runs.out["ray"]) == files(runs.out["default"])
+    assert runs.ray == runs.default == (1, [
+        "Shards: 4 of this worker, 0 already complete; 6 images extracted, 2 failed (in <shard>.failures.jsonl) in OUT",
+        "  lost       1 input shards could not be read (99999; reasons in <shard>.failures.jsonl): rerun to retry them",
+    ])
+
+
+def test_a_failing_shard_is_retried_by_ray_then_recorded_lost(runs):
+    assert runs.tries == ["try"] * 2  # 1 + --ray-retries 1; 00002 read at its second try
+    [lost] = ShardFolder(str(runs.out["ray"])).lost()
+    assert (lost["shard"], lost["id"], lost["member"]) == ("99999", None, runs.broken)
+    assert ShardFolder(str(runs.out["ray"])).names == sorted(SHARDS)  # done, beside the lost one (exit 1)
+
+
+def test_a_finished_rerun_rewrites_nothing(runs, model, shards, tool_main):
+    out = runs.out["ray"]
+    before = {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)}
+    status, lines = printed(lambda: on_ray(tool_main, shard_args(model, shards, out)[2:]), out)
+    assert status == 0 and lines[0].startswith("Shards: 3 of this worker, 3 already complete; 0 images extracted")
+    assert {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)} == before
 
 
 def test_refusals_name_the_setting(model, shards, tool_main, capsys, tmp_path, monkeypatch):

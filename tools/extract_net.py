@@ -5,7 +5,7 @@ Extract region features of a whole image set with a d2_regionfeat model.
     python tools/extract_net.py --config-file CFG --input SRC --output OUT \\
         [--format npz tsv ...] [--id stem|int] [--min-regions N] [--batch-size 4] \\
         [--num-workers 2] [--fp16] [--amp] [--resume] [--limit N] [--strict] [--num-gpus N ...] \\
-        [--weights W] [--device D] [--engine ray [--ray-address ADDR]] [OVERRIDES ...]
+        [--weights W] [--device D] [--engine ray [--ray-address ADDR] [--ray-retries N]] [OVERRIDES ...]
 
 ``CFG`` is the config you trained with, as it is: a yacs YAML (``_BASE_`` chains, the model
 zoo's files) with ``KEY VALUE`` overrides, or a LazyConfig ``.py`` (or the ``.yaml`` of
@@ -130,6 +130,10 @@ def get_parser():
         help="--engine ray: the Ray cluster to join ('auto', ray://HOST:10001); default: a local Ray on this "
         "machine's CPUs (inside 'ray job submit', the job's cluster)",
     )
+    shards.add_argument(
+        "--ray-retries", type=_non_negative, default=3, metavar="N",
+        help="--engine ray: a failed shard's task is retried N times, then its shard recorded lost",
+    )
     parser.add_argument(
         "--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
         help="config overrides, as the positional ones",
@@ -188,7 +192,8 @@ def main(argv=None):
     if args.engine == "ray":
         try:
             # on CUDA, --num-gpus is each actor's share; on the CPU, none
-            extract_with_ray(job, args.ray_address, num_gpus=args.num_gpus if config.device.startswith("cuda") else 0)
+            extract_with_ray(job, args.ray_address, num_gpus=args.num_gpus if config.device.startswith("cuda") else 0,
+                             max_retries=args.ray_retries)
         except ExtractionError as e:
             parser.exit(2, f"{parser.prog}: error: {e}\n")
     else:
