@@ -103,8 +103,9 @@ def extract_with_ray(job: ExtractionJob, address: Optional[str] = None, num_gpus
             shut down at the end.
         num_gpus: GPUs per actor (0: the model on the CPU).
         max_retries: Ray's retries of a failed shard task.
-        num_actors: the pool's size; None: from 1 up to as many as the cluster fits (GPUs
-            over ``num_gpus``, else CPUs, one an actor), at most one a shard.
+        num_actors: the pool's size (all started at once; fewer when some cannot start);
+            None: as many as the cluster fits (GPUs over ``num_gpus``, else CPUs, one an
+            actor), at most one a shard.
 
     Returns:
         counts ``{"shards", "skipped" (already complete), "done", "failed", "lost" (names)}``,
@@ -165,7 +166,10 @@ def _run(ray, job, todo, num_gpus, max_retries, num_actors) -> Dict:
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             dataset = dataset.map_batches(
                 ShardActor, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy",
-                concurrency=(1, num_actors), num_cpus=1, num_gpus=num_gpus, max_task_retries=max_retries,
+                # all actors started at once, each given one shard at a time
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors, initial_size=num_actors,
+                                                   max_tasks_in_flight_per_actor=1),
+                num_cpus=1, num_gpus=num_gpus, max_task_retries=max_retries,
             )
         rows = {"done": [], "failed": []}
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
