@@ -16,7 +16,7 @@ $(DEPS_STAMP): | $(PY)
 	$(PY) -c "import torch, torchvision" 2>/dev/null || \
 		$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,ray]"
 	rm -f $(VENV)/.deps-* && touch $@
 
 # The editable install is cheap; redoing it makes a cached venv point at this checkout.

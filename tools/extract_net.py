@@ -5,7 +5,7 @@ Extract region features of a whole image set with a d2_regionfeat model.
     python tools/extract_net.py --config-file CFG --input SRC --output OUT \\
         [--format npz tsv ...] [--id stem|int] [--min-regions N] [--batch-size 4] \\
         [--num-workers 2] [--fp16] [--amp] [--resume] [--limit N] [--strict] [--num-gpus N ...] \\
-        [--weights W] [--device D] [OVERRIDES ...]
+        [--weights W] [--device D] [--engine ray [--ray-address ADDR] [--ray-retries N]] [OVERRIDES ...]
 
 ``CFG`` is the config you trained with, as it is: a yacs YAML (``_BASE_`` chains, the model
 zoo's files) with ``KEY VALUE`` overrides, or a LazyConfig ``.py`` (or the ``.yaml`` of
@@ -44,7 +44,8 @@ npz/hdf5/lmdb and are left out of every other layout, listed in ``no_regions.jso
 
 Read any layout but mmf and vilbert with ``d2_regionfeat.io.read_features(OUT, fmt)``; convert
 a finished run to other layouts with ``tools/convert_features.py``. A killed run continues
-with ``--resume`` to the outputs an uninterrupted run gives. Exit status: 0; 1 when no image
+with ``--resume`` to the outputs an uninterrupted run gives. Tar shards in can be run by Ray
+Data instead of this command's processes (``--engine ray``, README "Web scale"). Exit status: 0; 1 when no image
 was extracted, or with ``--strict`` when any failed; 2 for bad settings (one-line error).
 """
 import argparse
@@ -69,6 +70,7 @@ from d2_regionfeat.extraction.model_config import (  # noqa: E402
     split_overrides,
 )
 from d2_regionfeat.extraction.pipeline import extract  # noqa: E402
+from d2_regionfeat.extraction.ray_engine import extract_with_ray, require_ray  # noqa: E402
 from d2_regionfeat.extraction.run import format_names  # noqa: E402
 from d2_regionfeat.extraction.input_shards import is_shard_source  # noqa: E402
 from d2_regionfeat.formats.feature_shards import ShardFolder  # noqa: E402
@@ -118,6 +120,20 @@ def get_parser():
     shards.add_argument("--id-field", help="tar input: the sample json's field to use as image id (default __key__)")
     shards.add_argument("--shard-index", type=_non_negative, help="this worker: every --num-shards-th shard from this")
     shards.add_argument("--num-shards", type=_positive, help="number of workers (default: SLURM array or torchrun env)")
+    shards.add_argument(
+        "--engine", choices=("default", "ray"), default="default",
+        help="what runs the shards: this command's processes ('default', --num-gpus of them) or Ray Data's "
+        "pool of model-holding actors ('ray', pip install -e .[ray]; --num-gpus is then GPUs per actor)",
+    )
+    shards.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="--engine ray: the Ray cluster to join ('auto', ray://HOST:10001); default: a local Ray on this "
+        "machine's CPUs (inside 'ray job submit', the job's cluster)",
+    )
+    shards.add_argument(
+        "--ray-retries", type=_non_negative, default=3, metavar="N",
+        help="--engine ray: a failed shard's task is retried N times, then its shard recorded lost",
+    )
     parser.add_argument(
         "--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
         help="config overrides, as the positional ones",
@@ -159,6 +175,10 @@ def main(argv=None):
     try:
         if shard_run and "LOCAL_RANK" in os.environ and not args.device and torch.cuda.is_available():
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU a process
+        if args.engine == "ray":
+            _check_ray_settings(args, shard_run)
+        elif args.ray_address:
+            raise ExtractionError("--ray-address is for --engine ray")
         config = load_config(args, overrides)
         job = prepare_job(
             config, args.input, args.output, formats, args.num_gpus * args.num_machines,
@@ -169,10 +189,18 @@ def main(argv=None):
         )
     except (ExtractionError, InputError, OutputFolderError, ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    launch(
-        extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
-        args=(job,), device=config.device,
-    )
+    if args.engine == "ray":
+        try:
+            # on CUDA, --num-gpus is each actor's share; on the CPU, none
+            extract_with_ray(job, args.ray_address, num_gpus=args.num_gpus if config.device.startswith("cuda") else 0,
+                             max_retries=args.ray_retries)
+        except ExtractionError as e:
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
+    else:
+        launch(
+            extract, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
+            args=(job,), device=config.device,
+        )
     if shard_run:
         return _shards_status(job, args.strict)
     manifest = read_manifest(args.output)
@@ -182,6 +210,13 @@ def main(argv=None):
     if counts["written"] == 0 or (args.strict and counts["failed"]):
         return 1
     return 0
+
+
+def _check_ray_settings(args, shard_run):
+    """Refuse what --engine ray cannot run, before anything is claimed."""
+    if args.num_machines > 1:
+        raise ExtractionError("--engine ray places its actors on the Ray cluster's machines: drop --num-machines")
+    require_ray(shard_run)
 
 
 def _shards_status(job, strict):

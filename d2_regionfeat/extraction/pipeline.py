@@ -5,8 +5,9 @@ loop (:func:`run_batches`): batches decoded in DataLoader workers go to the mode
 thread beside it. A folder run's rank extracts its contiguous run of input batches (split as
 detectron2's ``InferenceSampler`` splits) into its parts of the outputs, and rank 0 then
 merges the parts, completes the manifest and prints a summary; a shard run's rank extracts
-every world-size-th of the worker's input shards that is not complete. Outputs and their crash
-safety are described in :mod:`d2_regionfeat.formats`.
+every world-size-th of the worker's input shards that is not complete
+(:func:`extract_input_shards`, which the actors of :mod:`.ray_engine` run too). Outputs and
+their crash safety are described in :mod:`d2_regionfeat.formats`.
 """
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from .job import ExtractionJob, finish, prepare_job, shard_summary, summary
 from .manifest import read_manifest
 from .model_call import OutOfMemoryFallback
 from .run import RunFolder, RankFiles
-from .input_shards import ShardDataset
+from .input_shards import InputShard, ShardDataset
 from .sinks import FolderSink, ShardSink
 
 # How many batches the writer thread may lag behind the model.
@@ -139,11 +140,20 @@ def _extract_batches(job: ExtractionJob, batches: List[List[int]], extractor=Non
     return stats
 
 
-def _extract_shards(job: ExtractionJob, rank: int, world_size: int, extractor=None) -> Dict:
-    """Extract this rank's input shards (every ``world_size``-th of the worker's) not yet complete."""
-    mine = job.shards[rank::world_size]
-    todo = [s for s in mine if not is_complete(job.output_dir, s.name)]
-    stats = dict(_new_stats(skipped=0), shards=len(mine), complete=len(mine) - len(todo), lost=[])
+def extract_input_shards(job: ExtractionJob, shards: List[InputShard], extractor=None) -> Dict:
+    """
+    The default engine's work on ``shards`` (of ``job.shards``): each one not yet complete is
+    read and decoded in DataLoader workers (up to ``job.num_workers``, a shard each) and goes
+    through :func:`run_batches` into its output shard (:class:`.sinks.ShardSink`). What a rank
+    of :func:`extract` runs on its share, and a Ray actor on each of its shards
+    (:mod:`.ray_engine`). ``extractor``: in place of the job's.
+
+    Returns:
+        counts ``{"shards", "complete" (already), "lost" (names of those that could not be
+        read)}`` and the loop's (``"done"``, ``"failed"``, ...), for :func:`.job.shard_summary`.
+    """
+    todo = [s for s in shards if not is_complete(job.output_dir, s.name)]
+    stats = dict(_new_stats(skipped=0), shards=len(shards), complete=len(shards) - len(todo), lost=[])
     if not todo:
         return stats
     dataset = ShardDataset(todo, job.images([]), job.batch_size, job.id_field, job.limit)
@@ -154,6 +164,12 @@ def _extract_shards(job: ExtractionJob, rank: int, world_size: int, extractor=No
     run_batches(loader, extractor or job.extractor(), sink, stats)
     stats["lost"] = sink.lost
     return stats
+
+
+def shard_counts(stats: Dict) -> Dict:
+    """The counts a shard run returns of :func:`extract_input_shards`'s ``stats``."""
+    return {"shards": stats["shards"], "skipped": stats["complete"], "done": stats["done"],
+            "failed": stats["failed"], "lost": stats["lost"]}
 
 
 def extract(job: ExtractionJob, extractor=None):
@@ -171,7 +187,7 @@ def extract(job: ExtractionJob, extractor=None):
     setup_logger(distributed_rank=rank, name="fvcore")
     setup_logger(distributed_rank=rank)
     if job.shards is not None:
-        stats = comm.gather(_extract_shards(job, rank, world_size, extractor), dst=0)
+        stats = comm.gather(extract_input_shards(job, job.shards[rank::world_size], extractor), dst=0)
         if comm.is_main_process():
             print(shard_summary(job.output_dir, stats, time.perf_counter() - start))
         comm.synchronize()
@@ -202,6 +218,4 @@ def extract_shards(cfg, source: str, output_dir: str, extractor=None, **settings
         counts ``{"shards", "skipped" (already complete), "done", "failed", "lost" (names)}``.
     """
     job = prepare_job(cfg, source, output_dir, ["npz"], 1, **settings)
-    stats = extract(job, extractor)[0]
-    return {"shards": stats["shards"], "skipped": stats["complete"], "done": stats["done"],
-            "failed": stats["failed"], "lost": stats["lost"]}
+    return shard_counts(extract(job, extractor)[0])

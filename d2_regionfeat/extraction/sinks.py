@@ -58,13 +58,20 @@ class ShardSink:
                 self._writer(x["item"].shard).fail(failure(x["item"], x["error"]))
 
     def _end(self, x):
-        writer = self._writer(x["end"])
-        del self.writers[x["end"]]
-        if x["lost"] is None:
-            writer.close()
+        if x["lost"] is not None:
+            self.lose(x["end"], x["member"], x["lost"])
             return
-        writer.lose({"id": None, "shard": x["end"], "member": x["member"], "reason": x["lost"]})
-        self.lost.append(x["end"])
+        self._writer(x["end"]).close()
+        del self.writers[x["end"]]
+
+    def lose(self, name: str, member: str, reason: str):
+        """
+        Shard ``name`` is lost: its input ``member`` (URL) could not be read, for ``reason``.
+        Whatever it holds is dropped, its failures are this record alone, and it is not complete.
+        """
+        writer = self.writers.pop(name, None) or FeatureShardWriter(self.output_dir, name)
+        writer.lose({"id": None, "shard": name, "member": member, "reason": reason})
+        self.lost.append(name)
 
     def close(self):
         for writer in self.writers.values():
