@@ -270,6 +270,10 @@ class Inputs:
             error = _id_error(item.image_id)
             yield ImageItem(item.image_id, item.path, error) if error else item
 
+    def usable_ids(self) -> Iterable[str]:
+        """The ids of the items without an ``error``: an iterable read again each time, as this one."""
+        return _UsableIds(self)
+
     def check(self) -> Tuple[int, str]:
         """
         Read the inputs once (again only if two ids may be the same): their number, and the
@@ -294,6 +298,14 @@ class Inputs:
         if repeat:
             raise InputError(f"two inputs get image id {repeat[0]!r}: {repeat[1]} and {repeat[2]}")
         return count, sha256
+
+
+class _UsableIds:
+    def __init__(self, inputs: Inputs):
+        self.inputs = inputs
+
+    def __iter__(self):
+        return (item.image_id for item in self.inputs if not item.error)
 
 
 def list_inputs(source: str, image_root: Optional[str] = None, limit: int = 0,
@@ -368,7 +380,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        return self.decode(self.items[index])
+        """
+        The entry of ``items[index]``, or of ``index`` itself when it is an :class:`ImageItem`
+        (a run's batch sampler hands out the items it streams).
+        """
+        return self.decode(index if isinstance(index, ImageItem) else self.items[index])
 
     def decode(self, item: ImageItem, image=None):
         """The entry of ``item``, read from ``image`` (an open binary file) or its path."""
