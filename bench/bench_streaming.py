@@ -92,6 +92,17 @@ def resumed_output(root, name, image_ids, formats):
     return out
 
 
+def inputs_of(name, root, list_counts, folder_counts, sources):
+    """(input kind, way of reading, its output folder's name, the inputs) of ``--inputs`` ``name``."""
+    if name in ("list", "list-read-whole"):
+        return "list file", "streamed" if name == "list" else "list", "list", [list_file(root, c) for c in list_counts]
+    if name == "nested":
+        return "nested folder", "streamed", "nested", [nested_folder(root, c) for c in folder_counts]
+    if name == "flat":
+        return "flat folder", "streamed", "list", [flat_folder(root, c, sources) for c in folder_counts]
+    raise ValueError(f"--inputs: unknown {name!r}")
+
+
 def measure(source, out, formats, way):
     return run_child(["streaming_child.py", "--input", source, "--output", out, "--formats", ",".join(formats),
                       "--way", way])
@@ -103,9 +114,12 @@ def main():
     p.add_argument("--folder-counts", default="10000,100000", help="images of the folders")
     p.add_argument("--formats", default="npz,ban_hdf5", help="layouts (npz, and journal ones)")
     p.add_argument("--written", type=int, default=1000, help="images already in the output folder")
+    p.add_argument("--inputs", default="list,list-read-whole,nested,flat",
+                   help="what to measure: list (streamed), list-read-whole, nested, flat (folders)")
     p.add_argument("--work", help="folder to work in (default: a temporary one)")
     args = p.parse_args()
     list_counts = [int(c) for c in args.list_counts.split(",")]
+    # a nested folder is whole folders of PER_FOLDER
     folder_counts = [int(c) for c in args.folder_counts.split(",")]
     formats = args.formats.split(",")
     rows = []
@@ -116,17 +130,15 @@ def main():
             "list": resumed_output(root, "list", ids, formats),
             "nested": resumed_output(root, "nested", [f"s{int(i) // PER_FOLDER:04d}/{i}" for i in ids], formats),
         }
-        lists = [list_file(root, c) for c in list_counts]
-        groups = [("list file", "streamed", "list", lists), ("list file", "list", "list", lists),
-                  ("nested folder", "streamed", "nested", [nested_folder(root, c) for c in folder_counts]),
-                  ("flat folder", "streamed", "list", [flat_folder(root, c, sources) for c in folder_counts])]
-        for kind, way, out, paths in groups:
+        for name in args.inputs.split(","):
+            kind, way, out, paths = inputs_of(name, root, list_counts, folder_counts, sources)
             runs = [measure(path, outputs[out], formats, way) for path in paths]
             first = runs[0]
             for run in runs:
                 more = run["count"] - first["count"]
                 rows.append(dict(
                     input=kind, way=way, **run, growth=run["peak_rss_mb"] / first["peak_rss_mb"],
+                    growth_mb=run["peak_rss_mb"] - first["peak_rss_mb"],
                     # what each path more than the fewest adds to the peak
                     per_path_bytes=(run["peak_rss_mb"] - first["peak_rss_mb"]) * 2**20 / more if more else None,
                 ))
@@ -134,7 +146,7 @@ def main():
     print(f"peak resident memory of listing + id checks + resume planning ({','.join(formats)}; "
           f"{args.written} images already written), flat: <= {FLAT:.2f}x")
     report("streaming", rows, ["input", "way", "count", "skipped", "todo", "base_rss_mb", "peak_rss_mb",
-                               "growth", "per_path_bytes", "list_check_s", "plan_s", "ok"],
+                               "growth", "growth_mb", "per_path_bytes", "list_check_s", "plan_s", "ok"],
            {"flat": FLAT, "formats": formats, "written": args.written}, args.results)
 
 

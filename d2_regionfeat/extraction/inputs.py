@@ -66,42 +66,47 @@ def _relative_id(path, root):
     return os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
 
 
-def _sorted_entries(folder):
+def _sorted_names(folder):
     """
-    ``(path, is_dir)`` of the entries of ``folder`` that :func:`_folder_items` visits (images
-    and folders; os.walk's rules: links followed, an unreadable folder is empty), in the order
-    of their paths' descendants: a folder's name sorts as ``name + "/"``.
+    The names of the images and folders in ``folder`` that :func:`_folder_items` visits
+    (os.walk's rules: links followed, an unreadable folder is empty), a folder's as
+    ``name + "/"``, sorted: the order of the sorted paths below them.
     """
+    names = []
     try:
         with os.scandir(folder) as entries:
-            kept = []
             for entry in entries:
                 try:
                     is_dir = entry.is_dir()
                 except OSError:
                     is_dir = False
-                if is_dir or entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    kept.append((entry.name + "/" if is_dir else entry.name, is_dir))
+                if is_dir:
+                    names.append(entry.name + "/")
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    names.append(entry.name)
     except OSError:
         return []
-    kept.sort()
-    return [(os.path.join(folder, name.rstrip("/")), is_dir) for name, is_dir in kept]
+    names.sort()
+    return names
 
 
 def _folder_items(folder):
     """
     The images below ``folder`` in the order of their sorted paths (what sorting the paths of
-    the whole tree gives), holding the sorted entries of one folder per level at a time.
+    the whole tree gives), holding the sorted names of one folder per level at a time.
     """
-    stack = [iter(_sorted_entries(folder))]
+    stack = [(folder, iter(_sorted_names(folder)))]
     while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
+        parent, names = stack[-1]
+        name = next(names, None)
+        if name is None:
             stack.pop()
-        elif entry[1]:
-            stack.append(iter(_sorted_entries(entry[0])))
+        elif name.endswith("/"):
+            path = os.path.join(parent, name[:-1])
+            stack.append((path, iter(_sorted_names(path))))
         else:
-            yield ImageItem(_relative_id(entry[0], folder), entry[0])
+            path = os.path.join(parent, name)
+            yield ImageItem(_relative_id(path, folder), path)
 
 
 def _stem(path):

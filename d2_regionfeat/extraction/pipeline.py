@@ -3,8 +3,9 @@ The pipeline of an extraction, what every process (rank) runs (:func:`extract`),
 loop (:func:`run_batches`): batches decoded in DataLoader workers go to the model (with
 :class:`.model_call.OutOfMemoryFallback`) and their records to a sink (:mod:`.sinks`) in a
 thread beside it. A folder run's rank extracts its contiguous run of input batches (split as
-detectron2's ``InferenceSampler`` splits) into its parts of the outputs, and rank 0 then
-merges the parts, completes the manifest and prints a summary; a shard run's rank extracts
+detectron2's ``InferenceSampler`` splits), read from the stream of inputs as it goes, into its
+parts of the outputs, and rank 0 then merges the parts, completes the manifest and prints a
+summary; a shard run's rank extracts
 every world-size-th of the worker's input shards that is not complete. Outputs and their crash
 safety are described in :mod:`d2_regionfeat.formats`.
 """
