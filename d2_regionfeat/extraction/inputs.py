@@ -21,8 +21,8 @@ or dataset's integer id, else the digits that end the file stem
 (``COCO_val2014_000000000042`` -> ``"42"``). Two images with the same id are an error.
 
 A folder and a text file of paths are read lazily (:class:`Inputs`: a stream, read again each
-time it is iterated, that holds one folder's entries at a time, or one line): a run's memory
-does not grow with their number of images. A COCO json, a glob and a dataset are lists (their
+time it is iterated, that holds a line, or the sorted names of one folder per level): a run's
+memory does not grow with their number of images. A COCO json, a glob and a dataset are lists (their
 json, glob or loader gives them all at once).
 """
 import glob
@@ -177,8 +177,8 @@ def _id_error(image_id):
 
 class Repeats:
     """
-    Whether a stream of keys holds one twice, at 8 bytes a key: each key's ``hash`` goes into
-    an array (a set of the keys themselves takes some 100 bytes a short string). Keys with
+    Whether a stream of keys holds one twice, at 8 bytes a key: each key's ``hash`` (this
+    process's) goes into an array (a set of the keys themselves takes some 100 bytes a short string). Keys with
     the same hash are only candidates: :func:`first_repeat` makes sure of them over the
     stream again (only they are held then)::
 
@@ -224,7 +224,8 @@ class Inputs:
     iterable read again from its source each time it is iterated (a folder or text file lazily,
     see the module docstring; a folder in the order of its sorted paths), to be
     :meth:`check`-ed once before a run. Items whose id cannot name a file carry an ``error``
-    and are not extracted.
+    and are not extracted. Each rank of a run reads the source again for its share: it must
+    not change while the run goes (a resumed run's listing is checked by its sha256).
 
     Args:
         image_root: folder that a COCO json's ``file_name``s are relative to.
