@@ -153,8 +153,13 @@ class RankFiles:
         self.left_out = [f for f, w in zip(formats, self.writers) if not w.keeps_empty]
         # each layout's keys when the rank started
         self.held = [writer.written() for writer in self.writers]
-        # ``image_id in recorded``: the image needs nothing more (failed, or in every layout)
-        self.recorded = _Recorded(self)
+
+    @property
+    def recorded(self) -> "_Recorded":
+        """``image_id in recorded``: the image needs nothing more (failed, or in every layout)."""
+        # made when asked, not held: it refers to this object (a cycle would keep a killed
+        # run's files, an LMDB environment, open until the garbage collector ran)
+        return _Recorded(self)
 
     def holds(self, layout: int, image_id: str) -> bool:
         """Whether the ``layout``-th layout holds the image (or leaves it out: it has no regions)."""
