@@ -384,7 +384,7 @@ def test_records_carry_attributes(tmp_path):
     assert record["attrs_id"].dtype == np.int64 and record["attrs_conf"].dtype == np.float32
     np.testing.assert_array_equal(record["attr_prob"], instances.attr_probs.numpy())
 
-    outputs = RankFiles(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 0, 1, [item.image_id])
+    outputs = RankFiles(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 0, 1)
     outputs.store([record])
     outputs.close()
     merge_outputs(str(tmp_path), ["npz", "tsv", "hdf5", "lmdb"], 1)
@@ -410,11 +410,10 @@ def synthetic_record(index, n, dim=8, classes=3):
 
 
 def write_ranks(out, records, world_size):
-    ids = [r["image_id"] for r in records]
     out.mkdir()
     share = -(-len(records) // world_size)
     for rank in range(world_size):
-        outputs = RankFiles(str(out), ALL, rank, world_size, ids)
+        outputs = RankFiles(str(out), ALL, rank, world_size)
         outputs.store(records[rank * share: (rank + 1) * share])
         outputs.close()
     return merge_outputs(str(out), ALL, world_size, Vocabularies(["disc", "star", "square"]))

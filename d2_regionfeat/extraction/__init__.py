@@ -9,7 +9,7 @@ finished output folder to other layouts (:mod:`.convert`). The layouts themselve
 :mod:`d2_regionfeat.formats`.
 """
 from .convert import ConversionError
-from .inputs import ID_MODES, ImageDataset, ImageItem, InputError, list_inputs
+from .inputs import ID_MODES, ImageDataset, ImageItem, InputError, Inputs, list_inputs
 from .manifest import OutputFolderError, read_manifest
 from .job import ExtractionError, ExtractionJob, prepare_job
 from .model_call import BatchExtractor
@@ -25,6 +25,7 @@ __all__ = [
     "ImageDataset",
     "ImageItem",
     "InputError",
+    "Inputs",
     "OutputFolderError",
     "RunFolder",
     "RankFiles",

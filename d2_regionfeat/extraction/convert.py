@@ -208,16 +208,17 @@ def convert(in_dir, formats: Sequence[str], output_dir: str, id_mode: Optional[s
 
     failed = _by_id(source.failed, FailureLog, id_mode)
     no_regions = _by_id(source.no_regions, NoRegionsLog, id_mode)
-    outputs = run.outputs(0, 1, ids, {i: e["path"] for i, e in no_regions.items()})
+    no_region_paths = {i: e["path"] for i, e in no_regions.items()}
+    outputs = run.outputs(0, 1)
     chunk, seen = [], set()
     for record in records():
         seen.add(record["image_id"])
         if record["image_id"] not in outputs.recorded:
             chunk.append(record)
         if len(chunk) == CHUNK:
-            outputs.store(chunk)
+            outputs.store(chunk, paths=no_region_paths)
             chunk = []
-    outputs.store(chunk, [e for i, e in failed.items() if i not in outputs.failures.ids])
+    outputs.store(chunk, [e for i, e in failed.items() if i not in outputs.failures.ids], no_region_paths)
     # images without regions that the source layout does not hold: in none of the targets
     unseen = [e for i, e in no_regions.items() if i not in seen and i not in outputs.no_regions.ids]
     outputs.no_regions.add([dict(e, reason=NO_REGIONS, left_out_of=formats) for e in unseen])

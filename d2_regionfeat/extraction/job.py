@@ -9,16 +9,14 @@ input transform by :meth:`ExtractionJob.images`; its config is a
 :class:`~.model_config.ModelConfig` (any yacs YAML or LazyConfig, plain heads enabled).
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional
-
-import numpy as np
+from typing import Dict, Iterable, List, Optional
 
 from ..formats import LAYOUTS, LayoutIdError
 from ..formats.feature_shards import is_complete
 from ..modeling.outputs import RegionFields, region_fields
 from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies
-from .inputs import ImageDataset, ImageItem, list_inputs, one_line
-from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions, sha256_lines
+from .inputs import ImageDataset, ImageItem, Inputs, one_line
+from .manifest import MANIFEST_VERSION, claim_output_folder, package_versions
 from .model_call import BatchExtractor, record_keys
 from .model_config import ModelConfig, as_model_config
 from .run import FAILURES_NAME, NO_REGIONS_NAME, RunFolder, check_formats, check_ids
@@ -35,7 +33,8 @@ class ExtractionJob:
 
     # the model's config (see extraction/model_config.py)
     model_config: ModelConfig
-    items: List[ImageItem]
+    # the run's images: an :class:`.inputs.Inputs` (each rank streams its share), or a list
+    items: Iterable[ImageItem]
     output_dir: str
     formats: List[str]
     # what the model emits, asked of it (see modeling/outputs.py)
@@ -53,6 +52,8 @@ class ExtractionJob:
     id_field: Optional[str] = None
     # tar shards: the first ``limit`` samples of each (0: all)
     limit: int = 0
+    # the number of ``items`` (a folder run's, counted by :meth:`.inputs.Inputs.check`)
+    count: int = 0
 
     def extractor(self) -> BatchExtractor:
         """The run's model call (the model built, with its weights, on its device)."""
@@ -75,7 +76,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         cfg: the model's :class:`ModelConfig`, or a yacs ``CfgNode`` (made one by
             :func:`.model_config.as_model_config`, plain heads enabled).
         source, image_root, limit, id_mode: what to extract and its ids, see
-            :func:`inputs.list_inputs`.
+            :class:`inputs.Inputs` (read here to check them, and again by each rank).
         formats: names in :data:`formats.LAYOUTS`.
         world_size: the number of processes of the run (their parts are named by it).
         resume: continue the run that made ``output_dir``.
@@ -115,11 +116,12 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
             shards=shards, id_field=id_field, limit=limit,
             complete=all(is_complete(output_dir, s.name) for s in shards), **options
         )
-    items = list_inputs(source, image_root, limit, id_mode)
-    if not items:
+    items = Inputs(source, image_root, limit, id_mode)
+    count, inputs_sha256 = items.check()
+    if not count:
         raise ExtractionError(f"--input {source} holds no images")
     try:
-        check_ids(formats, [i.image_id for i in items if not i.error])
+        check_ids(formats, items.usable_ids())
     except LayoutIdError as e:
         raise ExtractionError(f"--format {e}")
     manifest = {
@@ -136,7 +138,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
         "amp": bool(options.get("amp", False)),
         "world_size": world_size,
         "input": source,
-        "inputs_sha256": sha256_lines(f"{i.image_id}\t{i.path}" for i in items),
+        "inputs_sha256": inputs_sha256,
         "versions": package_versions(),
     }
     if names.class_names is None:
@@ -144,7 +146,7 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     complete = claim and RunFolder(output_dir, formats).claim(manifest, resume)
     return ExtractionJob(
         model_config=model_config, items=items, output_dir=output_dir, formats=formats, emits=emits, names=names,
-        complete=complete, **options
+        complete=complete, count=count, **options
     )
 
 
@@ -175,14 +177,18 @@ def _check_needs(emits: RegionFields, formats):
 def finish(job: ExtractionJob, world_size: int):
     """Rank 0, all ranks done: merge the parts, complete the manifest."""
     RunFolder(job.output_dir, job.formats).finish(
-        world_size, job.names, inputs=len(job.items), num_classes=job.emits.num_classes
+        world_size, job.names, inputs=job.count, num_classes=job.emits.num_classes
     )
 
 
 def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
-    """The end-of-run report: counts of this session and of the folder, regions, time."""
+    """
+    The end-of-run report: counts of this session and of the folder, regions, time
+    (``stats``: each rank's counts, see :func:`.pipeline.extract`).
+    """
     done = sum(s["done"] for s in stats)
-    regions = [n for s in stats for n in s["regions"]]
+    regions = [s["regions"] for s in stats]
+    with_regions = sum(r["images"] for r in regions)
     counts = manifest["counts"]
     lines = [
         f"Extraction summary: {output_dir} ({', '.join(manifest['formats'])})",
@@ -197,9 +203,10 @@ def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
             f"  no regions {counts['no_regions']} images (listed in {NO_REGIONS_NAME}; left out of: "
             f"{left_out}; --min-regions N gives every image N)"
         )
-    if regions:
+    if with_regions:
         lines.append(
-            f"  regions    per image min {min(regions)}, mean {np.mean(regions):.1f}, max {max(regions)}"
+            f"  regions    per image min {min(r['min'] for r in regions)}, mean "
+            f"{sum(r['sum'] for r in regions) / with_regions:.1f}, max {max(r['max'] for r in regions)}"
             f"; feature dim {manifest['feature_dim']}"
         )
     lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")

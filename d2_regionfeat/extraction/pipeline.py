@@ -3,16 +3,18 @@ The pipeline of an extraction, what every process (rank) runs (:func:`extract`),
 loop (:func:`run_batches`): batches decoded in DataLoader workers go to the model (with
 :class:`.model_call.OutOfMemoryFallback`) and their records to a sink (:mod:`.sinks`) in a
 thread beside it. A folder run's rank extracts its contiguous run of input batches (split as
-detectron2's ``InferenceSampler`` splits) into its parts of the outputs, and rank 0 then
-merges the parts, completes the manifest and prints a summary; a shard run's rank extracts
-every world-size-th of the worker's input shards that is not complete
-(:func:`extract_input_shards`, which the actors of :mod:`.ray_engine` run too). Outputs and
-their crash safety are described in :mod:`d2_regionfeat.formats`.
+detectron2's ``InferenceSampler`` splits), read from the stream of inputs as it goes, into its
+parts of the outputs, and rank 0 then merges the parts, completes the manifest and prints a
+summary; a shard run's rank extracts every world-size-th of the worker's input shards that is
+not complete (:func:`extract_input_shards`, which the actors of :mod:`.ray_engine` run too).
+Outputs and their crash safety are described in :mod:`d2_regionfeat.formats`.
 """
+import itertools
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, Iterable, Iterator, Tuple
 
 import torch
 from tqdm import tqdm
@@ -22,10 +24,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..formats.feature_shards import is_complete
+from .inputs import ImageItem
 from .job import ExtractionJob, finish, prepare_job, shard_summary, summary
 from .manifest import read_manifest
 from .model_call import OutOfMemoryFallback
-from .run import RunFolder, RankFiles
+from .run import RunFolder
 from .input_shards import InputShard, ShardDataset
 from .sinks import FolderSink, ShardSink
 
@@ -61,17 +64,19 @@ def _read_ahead(loader, thread):
 
 
 def _new_stats(skipped):
-    """A rank's counts for the summary: images, regions per image, seconds in model/writers."""
-    return {"skipped": skipped, "done": 0, "failed": 0, "regions": [], "model_s": 0.0, "write_s": 0.0}
+    """
+    A rank's counts for the summary: images, regions (images with regions, their sum, min and
+    max: counts, not a list per image), seconds in model/writers.
+    """
+    return {"skipped": skipped, "done": 0, "failed": 0, "model_s": 0.0, "write_s": 0.0,
+            "regions": {"images": 0, "sum": 0, "min": math.inf, "max": 0}}
 
 
-def _rank_outputs(job: ExtractionJob) -> RankFiles:
-    """This rank's writers and logs, over the run's images."""
-    usable = [i for i in job.items if not i.error]
-    return RunFolder(job.output_dir, job.formats).outputs(
-        comm.get_rank(), comm.get_world_size(),
-        [i.image_id for i in usable], {i.image_id: i.path for i in usable},
-    )
+def _count_regions(regions: Dict, numbers):
+    """Add the images of ``numbers`` (regions per image) to the ``regions`` counts of a rank's stats."""
+    if numbers:
+        regions.update(images=regions["images"] + len(numbers), sum=regions["sum"] + sum(numbers),
+                       min=min(regions["min"], *numbers), max=max(regions["max"], *numbers))
 
 
 def run_batches(loader, extractor, sink, stats: Dict, skip=frozenset(), bar=None):
@@ -104,7 +109,7 @@ def run_batches(loader, extractor, sink, stats: Dict, skip=frozenset(), bar=None
                     stats["write_s"] += pending.popleft().result()
                 stats["done"] += sum("record" in x for x in batch)
                 stats["failed"] += sum("error" in x for x in batch)
-                stats["regions"] += [x["record"]["num_bbox"] for x in batch if "num_bbox" in x.get("record", {})]
+                _count_regions(stats["regions"], [x["record"]["num_bbox"] for x in batch if "num_bbox" in x.get("record", {})])
                 if bar is not None:
                     bar.update(sum("item" in x for x in batch))
             while pending:
@@ -121,22 +126,57 @@ def _progress(total, initial):
     )
 
 
-def _extract_batches(job: ExtractionJob, batches: List[List[int]], extractor=None) -> Dict:
-    """Extract this rank's ``batches`` (of indices into ``job.items``) into its parts."""
-    outputs = _rank_outputs(job)
-    recorded = outputs.recorded
-    todo = [b for b in batches if any(job.items[i].image_id not in recorded for i in b)]
-    stats = _new_stats(skipped=sum(job.items[i].image_id in recorded for b in batches for i in b))
-    if not todo:
+def rank_range(count: int, batch_size: int, rank: int, world_size: int) -> range:
+    """
+    The positions of a rank's inputs among ``count``: its contiguous run of the batches of
+    ``batch_size`` (as detectron2's ``InferenceSampler`` shares images out), so that every
+    image is batched with the same others whatever the number of processes, or of resumes.
+    """
+    batches = InferenceSampler._get_local_indices(-(-count // batch_size), world_size, rank)
+    return range(batches.start * batch_size, min(batches.stop * batch_size, count))
+
+
+def plan_rank(items: Iterable[ImageItem], mine: range, batch_size: int, recorded) -> Tuple[int, Iterator]:
+    """
+    A rank's work over the stream ``items``, ``mine`` its positions (:func:`rank_range`):
+    how many of its images are ``in recorded`` (:attr:`.run.RankFiles.recorded`: read through
+    once now), and its batches to do (lists of items, read again as they are taken), less
+    those whose every image is recorded.
+    """
+    recorded_count = sum(i.image_id in recorded for i in itertools.islice(items, mine.start, mine.stop))
+
+    def batches():
+        batch = []
+        for item in itertools.islice(items, mine.start, mine.stop):
+            batch.append(item)
+            if len(batch) == batch_size:
+                if any(i.image_id not in recorded for i in batch):
+                    yield batch
+                batch = []
+        if any(i.image_id not in recorded for i in batch):
+            yield batch
+
+    return recorded_count, batches()
+
+
+def _extract_batches(job: ExtractionJob, mine: range, extractor=None) -> Dict:
+    """
+    Extract this rank's inputs (``mine``: their positions in ``job.items``) into its parts,
+    its batches to do (:func:`plan_rank`) handed to the DataLoader workers as they are read.
+    """
+    outputs = RunFolder(job.output_dir, job.formats).outputs(comm.get_rank(), comm.get_world_size())
+    skipped, todo = plan_rank(job.items, mine, job.batch_size, outputs.recorded)
+    stats = _new_stats(skipped)
+    if skipped == len(mine):
         outputs.close()
         return stats
     # started first: the workers decode the first batches while the model is built
     loader = iter(torch.utils.data.DataLoader(
-        job.images(job.items), batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
+        job.images([]), batch_sampler=todo, num_workers=job.num_workers, collate_fn=_as_list
     ))
     extractor = extractor or job.extractor()
-    with _progress(sum(map(len, batches)), stats["skipped"]) as bar:
-        run_batches(loader, extractor, FolderSink(outputs), stats, skip=recorded, bar=bar)
+    with _progress(len(mine), skipped) as bar:
+        run_batches(loader, extractor, FolderSink(outputs), stats, skip=outputs.recorded, bar=bar)
     return stats
 
 
@@ -174,12 +214,8 @@ def shard_counts(stats: Dict) -> Dict:
 
 def extract(job: ExtractionJob, extractor=None):
     """
-    What each rank runs: its part of the inputs, then (rank 0) the merge and summary.
-    ``extractor``: in place of the job's :class:`.model_call.BatchExtractor`.
-
-    The inputs are cut into batches of ``job.batch_size`` first, and the batches shared out
-    in contiguous runs (as ``InferenceSampler`` shares images): every image is batched with
-    the same others whatever the number of processes, or of resumes.
+    What each rank runs: its part of the inputs (:func:`rank_range`), then (rank 0) the
+    merge and summary. ``extractor``: in place of the job's :class:`.model_call.BatchExtractor`.
     """
     start = time.perf_counter()
     rank, world_size = comm.get_rank(), comm.get_world_size()
@@ -192,13 +228,11 @@ def extract(job: ExtractionJob, extractor=None):
             print(shard_summary(job.output_dir, stats, time.perf_counter() - start))
         comm.synchronize()
         return stats
-    step, size = job.batch_size, len(job.items)
-    batches = [list(range(i, min(i + step, size))) for i in range(0, size, step)]
-    batches = [batches[b] for b in InferenceSampler._get_local_indices(len(batches), world_size, rank)]
+    mine = rank_range(job.count, job.batch_size, rank, world_size)
     if job.complete:
-        stats = _new_stats(skipped=sum(map(len, batches)))
+        stats = _new_stats(skipped=len(mine))
     else:
-        stats = _extract_batches(job, batches, extractor)
+        stats = _extract_batches(job, mine, extractor)
     stats = comm.gather(stats, dst=0)
     if comm.is_main_process():
         if not job.complete:

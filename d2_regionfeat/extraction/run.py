@@ -4,15 +4,17 @@ The bookkeeping of a run (extraction or conversion) in its output folder: the ru
 logs (:class:`RankFiles`), the failure and no-region logs, and reading an output folder
 back. The layouts themselves are :mod:`d2_regionfeat.formats`.
 """
+import itertools
 import json
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from .. import formats as layouts
 from ..formats import LAYOUTS, LayoutIdError
 from ..formats.safety import LineLog, new_part, part_path, replace_with_copy
 from ..modeling.vocabulary import Vocabularies
+from .inputs import Repeats, first_repeat
 from .manifest import MANIFEST_NAME, claim_output_folder, read_manifest, write_manifest
 
 NO_REGIONS = "no regions"
@@ -95,66 +97,96 @@ def format_names(words: Sequence[str]) -> List[str]:
     return [f for word in words for f in word.split(",") if f]
 
 
-def check_ids(formats: Sequence[str], image_ids: Sequence[str]):
+def check_ids(formats: Sequence[str], image_ids: Iterable[str]):
     """
     Check that every layout can store every image id, and that no two images get the same
     key in a layout.
 
-    Raises:
-        LayoutIdError: naming the layout and the id(s), one line.
-    """
-    for fmt in formats:
-        writer = LAYOUTS[fmt]
-        first = {}
-        for image_id in image_ids:
-            try:
-                key = writer.key(image_id)
-            except LayoutIdError as e:
-                raise LayoutIdError(f"{fmt}: {e}")
-            if key in first:
-                raise LayoutIdError(
-                    f"{fmt}: images {first[key]!r} and {image_id!r} both get id {key!r}"
-                )
-            first[key] = image_id
-class RankFiles:
-    """This rank's writers, failure and no-region logs, and what they held when it started."""
+    ``image_ids`` (distinct, an iterable read again each time it is iterated: a list, or
+    :meth:`.inputs.Inputs.usable_ids`) is read once, and again for a layout whose key of
+    some id is not the id: its keys are then held as :class:`.inputs.Repeats` (8 bytes an
+    image), not as a set.
 
-    def __init__(self, output_dir: str, formats: Sequence[str], rank: int, world_size: int,
-                 image_ids: Sequence[str], paths: Dict[str, str] = None):
-        """
-        Args:
-            image_ids: the ids of the run's images (all ranks'), as the records hold them.
-            paths: image id -> file, for the logs.
-        """
+    Raises:
+        LayoutIdError: naming the layout and the id(s), one line: the first problem (in id
+            order) of the first layout (in ``formats`` order) that has one.
+    """
+    keys = [LAYOUTS[f].key for f in formats]
+    refused = [None] * len(formats)  # each layout's first refusal: (position, error)
+    changed = [False] * len(formats)  # whether a layout's key of an id before it is not the id
+    for n, image_id in enumerate(image_ids):
+        for f, key in enumerate(keys):
+            if refused[f] is not None:
+                continue
+            try:
+                changed[f] = key(image_id) != image_id or changed[f]
+            except LayoutIdError as e:
+                refused[f] = (n, LayoutIdError(f"{formats[f]}: {e}"))
+    for fmt, key, refusal, keys_differ in zip(formats, keys, refused, changed):
+        # distinct ids kept as they are have distinct keys; only ids before the refusal count
+        if keys_differ:
+            before = None if refusal is None else refusal[0]
+            repeats = Repeats()
+            for image_id in itertools.islice(image_ids, before):
+                repeats.add(key(image_id))
+            pairs = ((key(i), i) for i in itertools.islice(image_ids, before))
+            repeat = first_repeat(pairs, repeats.candidates())
+            if repeat:
+                raise LayoutIdError(f"{fmt}: images {repeat[1]!r} and {repeat[2]!r} both get id {repeat[0]!r}")
+        if refusal is not None:
+            raise refusal[1]
+
+
+class RankFiles:
+    """
+    This rank's writers, failure and no-region logs, and what they held when it started.
+
+    Resuming holds what the layouts' parts hold (each layout's keys, the failed and no-region
+    ids: as sets, some 100 bytes an image already written); whether an image needs nothing
+    more (:attr:`recorded`) is worked out per image, not held for the run's images.
+    """
+
+    def __init__(self, output_dir: str, formats: Sequence[str], rank: int, world_size: int):
         self.writers = [LAYOUTS[f](output_dir, rank, world_size) for f in formats]
         self.failures = FailureLog(output_dir, rank, world_size)
         self.no_regions = NoRegionsLog(output_dir, rank, world_size)
-        self.paths = paths or {}
         self.left_out = [f for f, w in zip(formats, self.writers) if not w.keeps_empty]
-        # each layout's key of an id is computed where needed, not held for every image
-        self.written = []
-        for writer in self.writers:
-            held, key = writer.written(), type(writer).key
-            ids = {i for i in image_ids if key(i) in held} if held else set()
-            self.written.append(ids if writer.keeps_empty else ids | self.no_regions.ids)
-        # images that need nothing more: failed, or in every layout
-        self.recorded = self.failures.ids | set.intersection(*self.written)
+        # each layout's keys when the rank started
+        self.held = [writer.written() for writer in self.writers]
 
-    def store(self, records: List[Dict], failed: List[Dict] = ()):
+    @property
+    def recorded(self) -> "_Recorded":
+        """``image_id in recorded``: the image needs nothing more (failed, or in every layout)."""
+        # made when asked, not held: it refers to this object (a cycle would keep a killed
+        # run's files, an LMDB environment, open until the garbage collector ran)
+        return _Recorded(self)
+
+    def holds(self, layout: int, image_id: str) -> bool:
+        """Whether the ``layout``-th layout holds the image (or leaves it out: it has no regions)."""
+        writer = self.writers[layout]
+        if not writer.keeps_empty and image_id in self.no_regions.ids:
+            return True
+        try:
+            return type(writer).key(image_id) in self.held[layout]
+        except LayoutIdError:  # an input that is not extracted (its id is its error)
+            return False
+
+    def store(self, records: List[Dict], failed: List[Dict] = (), paths: Dict[str, str] = None):
         """
         Write what each layout lacks of ``records`` (a layout that holds no image without
         regions leaves those out), then log those without regions and ``failed``
-        (``{"image_id", "path", "reason"}``).
+        (``{"image_id", "path", "reason"}``). ``paths``: image id -> file, for the logs.
         """
-        for writer, ids in zip(self.writers, self.written):
+        paths = paths or {}
+        for layout, writer in enumerate(self.writers):
             writer.write([
                 dict(r, image_id=type(writer).key(r["image_id"])) for r in records
-                if r["image_id"] not in ids and (r.get("num_bbox") != 0 or writer.keeps_empty)
+                if not self.holds(layout, r["image_id"]) and (r.get("num_bbox") != 0 or writer.keeps_empty)
             ])
         # a grid-only record (no num_bbox) has no regions to lack
         empty = [r["image_id"] for r in records if r.get("num_bbox") == 0 and r["image_id"] not in self.no_regions.ids]
         self.no_regions.add([
-            {"image_id": i, "path": self.paths.get(i), "reason": NO_REGIONS, "left_out_of": self.left_out}
+            {"image_id": i, "path": paths.get(i), "reason": NO_REGIONS, "left_out_of": self.left_out}
             for i in empty
         ])
         self.no_regions.ids.update(empty)
@@ -165,6 +197,19 @@ class RankFiles:
             writer.close()
         self.failures.close()
         self.no_regions.close()
+
+
+class _Recorded:
+    """``image_id in recorded``: whether a rank's image needs nothing more (see :class:`RankFiles`)."""
+
+    def __init__(self, outputs: RankFiles):
+        self.outputs = outputs
+
+    def __contains__(self, image_id: str) -> bool:
+        outputs = self.outputs
+        return image_id in outputs.failures.ids or all(
+            outputs.holds(layout, image_id) for layout in range(len(outputs.writers))
+        )
 
 
 def _count_lines(path):
@@ -205,8 +250,8 @@ class RunFolder:
 
         run = RunFolder(output_dir, formats)
         if not run.claim(manifest, resume):          # first machine, before any process
-            outputs = run.outputs(rank, world_size, image_ids, paths)   # every rank
-            outputs.store(records, failed); outputs.close()
+            outputs = run.outputs(rank, world_size)                     # every rank
+            outputs.store(records, failed, paths); outputs.close()
             run.finish(world_size, class_names, inputs=..., written=...)  # rank 0, all done
     """
 
@@ -221,10 +266,9 @@ class RunFolder:
         """
         return bool(claim_output_folder(self.output_dir, manifest, resume)["complete"])
 
-    def outputs(self, rank: int, world_size: int, image_ids: Sequence[str],
-                paths: Dict[str, str] = None) -> "RankFiles":
+    def outputs(self, rank: int, world_size: int) -> "RankFiles":
         """This rank's writers and logs (see :class:`RankFiles`)."""
-        return RankFiles(self.output_dir, self.formats, rank, world_size, image_ids, paths)
+        return RankFiles(self.output_dir, self.formats, rank, world_size)
 
     def finish(self, world_size: int, names: Optional[Vocabularies], inputs: int,
                written: Optional[int] = None, **manifest) -> Dict:

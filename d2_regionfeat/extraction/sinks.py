@@ -25,6 +25,7 @@ class FolderSink:
         self.outputs.store(
             [x["record"] for x in batch if "record" in x],
             [failure(x["item"], x["error"]) for x in batch if "error" in x],
+            {x["item"].image_id: x["item"].path for x in batch if "record" in x},
         )
 
     def close(self):
