@@ -407,15 +407,15 @@ def test_bad_settings_give_one_error_line(model, image_set, reference, tmp_path,
     # detectron2's own flags and --opts are parsed as in train_net
     code, err = error_of(tool_main, capsys, args + ["--batch-size", "0"])
     assert code == 2 and err.strip().splitlines()[-1].endswith("--batch-size: must be >= 1, got 0")
-    cases = {
-        "weights file /no/such/model.pth not found": args + ["MODEL.WEIGHTS", "/no/such/model.pth"],
-        "config options MODEL.NO_SUCH_KEY 1: Non-existent key: MODEL.NO_SUCH_KEY": args + ["--opts", "MODEL.NO_SUCH_KEY", "1"],
-        "--format must be among npz, tsv, lmdb, hdf5": args + ["--format", "csv"],
-        "MODEL.META_ARCHITECTURE RetinaNet has no ROI heads": args + ["MODEL.META_ARCHITECTURE", "RetinaNet"],
-        "--format must be among npz, tsv, lmdb, hdf5": args + ["--format", "npz", "csv"],
-        "no folder, file, glob or registered dataset": [*args[:5], str(tmp_path / "none"), *args[6:]],
-    }
-    for message, argv in cases.items():
+    cases = [  # (message, argv): a list, as two cases share a message
+        ("weights file /no/such/model.pth not found", args + ["MODEL.WEIGHTS", "/no/such/model.pth"]),
+        ("config options MODEL.NO_SUCH_KEY 1: Non-existent key: MODEL.NO_SUCH_KEY", args + ["--opts", "MODEL.NO_SUCH_KEY", "1"]),
+        ("--format must be among npz, tsv, lmdb, hdf5", args + ["--format", "csv"]),
+        ("MODEL.META_ARCHITECTURE RetinaNet has no ROI heads", args + ["MODEL.META_ARCHITECTURE", "RetinaNet"]),
+        ("--format must be among npz, tsv, lmdb, hdf5", args + ["--format", "npz", "csv"]),
+        ("no folder, file, glob or registered dataset", [*args[:5], str(tmp_path / "none"), *args[6:]]),
+    ]
+    for message, argv in cases:
         code, err = error_of(tool_main, capsys, argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
