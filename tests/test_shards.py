@@ -311,6 +311,8 @@ def test_webdataset_reads_features_and_caption_together(clean):
 def test_hugging_face_datasets_reads_the_shards(clean):
     """``datasets.load_dataset("webdataset", ..., streaming=True)`` decodes the npz members too."""
     datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (not a dependency)")
+    if not hasattr(datasets, "load_dataset"):  # e.g. the datasets/ folder of a detectron2 checkout on the path
+        pytest.skip(f"'datasets' on the path is not Hugging Face datasets ({datasets.__path__})")
     urls = [str(clean / f"{name}.tar") for name in SHARDS]
     stream = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", streaming=True)
     folder = ShardFolder(str(clean))
