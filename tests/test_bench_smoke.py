@@ -90,3 +90,13 @@ def test_large(run_bench):
     expected = {"backbone", "rpn", "roi head (res5)", "box predictor", "selection", "writers", "other"}
     assert expected <= set(stages)
     assert stages["backbone"]["s_per_img"] > 0 and stages["selection"]["s_per_img"] > 0
+
+
+def test_vinvl(run_bench):
+    args = ["--sizes", 64, "--max-size", 96, "--depth", 50, "--narrow", "--classes", 8, "--proposals", 20,
+            "--repeats", 1]
+    rows = run_bench("bench_vinvl.py", *args)["vinvl"]["rows"]
+    assert [(r["model"], r["size"]) for r in rows] == [
+        ("vinvl_x152c4", "64x96"), ("butd_r101c4", "64x96"), ("ratio vinvl/butd", "64x96")]
+    assert all(0 < r["selection_share"] < 1 for r in rows[:2]) and all(r["s_per_image"] > 0 for r in rows)
+    assert rows[2]["s_per_image"] == rows[0]["s_per_image"] / rows[1]["s_per_image"]
