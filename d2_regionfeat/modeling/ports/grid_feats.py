@@ -48,7 +48,7 @@ def grid_feats_attribute_predictor(module, state_dict, prefix):
     bias = state_dict[prefix + "box_predictor.attr_score.bias"]
     if weight.shape[0] + 1 != attr_score.out_features:
         raise ValueError(
-            f"the grid-feats-vqa-style checkpoint (grid-feats-vqa, BUTA.pt d2) scores {weight.shape[0]} attributes; "
+            f"the grid-feats-vqa-style checkpoint scores {weight.shape[0]} attributes; "
             f"MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES is {attr_score.out_features - 1}"
         )
     no_attribute_weight = weight.new_zeros(1, weight.shape[1])
