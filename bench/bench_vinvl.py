@@ -4,7 +4,12 @@ image at each test size, random weights, side by side; and the selection's share
 
 Random-init models get their batch-norm statistics from a sample image and their predictors
 rescaled (common.calibrate_norms, helpers.tame): their regions are arbitrary, their cost is
-real. Each image is given at its network-input size (short side S, long side 1000 / S * S).
+real. Each image is given at its network-input size: short side S, long side 5/3 S (capped
+by --max-size if given): 600 -> 600 x 1000, the configs' own test size (600 / 1000);
+1000 -> 1000 x 1666, as bench_large.py.
+
+    python bench/bench_vinvl.py [--sizes 600,1000] [--repeats 3] [--device cuda]
+    python bench/bench_vinvl.py --sizes 64 --max-size 96 --depth 50 --narrow --classes 8 --proposals 20
 """
 import json
 import os
@@ -27,8 +32,17 @@ def build(path, args):
     cfg = get_cfg()
     cfg.merge_from_file(path)
     cfg.MODEL.DEVICE = args.device
-    if args.depth and "VinVL" in path:
+    if args.depth:
         cfg.MODEL.RESNETS.DEPTH = args.depth
+    if args.narrow:
+        from helpers import narrow
+
+        narrow(cfg)
+        cfg.MODEL.RESNETS.NUM_GROUPS = min(cfg.MODEL.RESNETS.NUM_GROUPS, 4)
+    if args.classes:
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = args.classes
+    if args.proposals:
+        cfg.MODEL.RPN.POST_NMS_TOPK_TEST = args.proposals
     return tame(calibrate_norms(build_model(cfg, wild=True)))
 
 
@@ -52,10 +66,13 @@ class SelectionTimer:
 def main():
     p = parser(__doc__)
     p.add_argument("--sizes", default="600,1000", help="shorter sides (px)")
-    p.add_argument("--max-size", type=int, default=1000)
+    p.add_argument("--max-size", type=int, default=0, help="cap of the long side (0: none)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--depth", type=int, default=0, help="VinVL ResNeXt depth (0: the config's 152)")
+    p.add_argument("--depth", type=int, default=0, help="both models' ResNet depth (0: the configs' 152 / 101)")
+    p.add_argument("--narrow", action="store_true", help="narrow widths (tests/helpers.py narrow, at most 4 groups)")
+    p.add_argument("--classes", type=int, default=0, help="classes of both (0: the configs' 1594 / 1600)")
+    p.add_argument("--proposals", type=int, default=0, help="proposals kept by the RPN (0: the configs' 300)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from helpers import image
@@ -64,7 +81,7 @@ def main():
     timers = {name: SelectionTimer(m, args.device) for name, m in models.items()}
     rows = []
     for short in [int(s) for s in args.sizes.split(",")]:
-        long = min(args.max_size, short * 5 // 3)
+        long = min(args.max_size or short * 5 // 3, short * 5 // 3)
         h, w = (short, long)
         inputs = [{"image": image(7, h, w).to(args.device)}]
 

@@ -99,3 +99,13 @@ def test_streaming(run_bench):
     assert [(r["input"], r["count"], r["skipped"], r["todo"]) for r in rows] == [
         ("list file", 300, 5, 296), ("nested folder", 1000, 5, 996)]  # todo: the images of batches to do
     assert all(r["peak_rss_mb"] >= r["base_rss_mb"] > 0 for r in rows)
+
+
+def test_vinvl(run_bench):
+    args = ["--sizes", 64, "--max-size", 96, "--depth", 50, "--narrow", "--classes", 8, "--proposals", 20,
+            "--repeats", 1]
+    rows = run_bench("bench_vinvl.py", *args)["vinvl"]["rows"]
+    assert [(r["model"], r["size"]) for r in rows] == [
+        ("vinvl_x152c4", "64x96"), ("butd_r101c4", "64x96"), ("ratio vinvl/butd", "64x96")]
+    assert all(0 < r["selection_share"] < 1 for r in rows[:2]) and all(r["s_per_image"] > 0 for r in rows)
+    assert rows[2]["s_per_image"] == rows[0]["s_per_image"] / rows[1]["s_per_image"]

@@ -5,8 +5,9 @@ class also reads its layout back (:meth:`Layout.read`) into the per-image record
 
 Our own layouts: ``npz``, ``hdf5``, ``lmdb``, and ``tsv`` (LXMERT). Layouts that other
 codebases' loaders read unchanged: ``butd_tsv``, ``openvqa``, ``openvqa_gqa``, ``uniter``,
-``mmf``, ``vilbert``, ``ban_hdf5``, ``oscar``, ``visualbert``, ``vinvl``. Only ``mmf``, ``vilbert``
-and ``ban_hdf5`` write pickles (their readers' design); none is ever read back here.
+``mmf``, ``vilbert``, ``ban_hdf5``, ``oscar``, ``visualbert``, ``vinvl``, ``buta``. Only ``mmf``,
+``vilbert``, ``ban_hdf5`` and ``buta`` (its ``info``) write pickles (their readers' design); none
+is ever read back here.
 Crash safety is in :mod:`.safety`; the bookkeeping of a run (manifest, logs, merge) is in
 :mod:`d2_regionfeat.extraction.run`.
 """
@@ -16,7 +17,7 @@ from typing import Dict, Iterator, Optional
 # registration order: our own layouts first, then the consumers'
 from . import npz, tsv, lmdb, hdf5  # noqa: F401,I001
 from . import butd_tsv, openvqa, uniter, mmf, vilbert, ban, oscar, visualbert  # noqa: F401,I001
-from . import vinvl  # noqa: F401,I001
+from . import vinvl, buta  # noqa: F401,I001
 from . import grid, grid_hdf5, grid_feats, grid_mmf  # noqa: F401,I001  (grid layouts)
 from .base import LAYOUTS, Layout, WriteOnlyLayoutError, register_format
 from .records import LayoutIdError, int_id

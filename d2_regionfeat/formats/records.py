@@ -116,19 +116,21 @@ def int_id(image_id: str) -> int:
     return int(match.group(1))
 
 
-def encode_npz(record: Dict, keys=RECORD_KEYS) -> bytes:
+def encode_npz(record: Dict, keys=RECORD_KEYS, pickled: Optional[Dict] = None) -> bytes:
     """
     The bytes of an (uncompressed) ``.npz`` file holding ``record``'s ``keys``: what
-    ``np.savez`` writes, but without pickles and byte-for-byte reproducible.
+    ``np.savez`` writes, but byte-for-byte reproducible and without pickles, except the
+    entries of ``pickled`` (name -> object), each stored as ``np.savez`` stores an object (a
+    pickled 0-d object array), for the layouts whose readers need one.
     """
+    entries = [(key, np.asarray(record[key]), False) for key in keys if key in record]
+    entries += [(key, np.array(value, dtype=object), True) for key, value in (pickled or {}).items()]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for key in keys:
-            if key not in record:
-                continue
+        for key, array, allow_pickle in entries:
             info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_DATE)
             with archive.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(record[key]), allow_pickle=False)
+                np.lib.format.write_array(f, array, allow_pickle=allow_pickle)
     return buffer.getvalue()
 
 

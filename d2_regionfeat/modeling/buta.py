@@ -1,14 +1,14 @@
 """
-The parts of MILVLG/bottom-up-attention.pytorch's caffe-mode detector ("BUTA.pt",
-``configs/BUTA/``) that differ numerically from detectron2's stock ones, each a registered
-part or a config value (``MODEL.BUTA``, see
-:func:`d2_regionfeat.modeling.config.add_regionfeat_config`); nothing here changes a stock
-part:
+The parts of MILVLG/bottom-up-attention.pytorch's detectors ("BUTA.pt", ``configs/BUTA/``)
+that differ numerically from detectron2's stock ones, each a registered part or a config value
+(``MODEL.BUTA``, see :func:`d2_regionfeat.modeling.config.add_regionfeat_config`); nothing
+here changes a stock part. Its caffe mode uses them all; its d2 mode (detectron2-trained
+models, ``configs/BUTA/d2-*.yaml``) only :class:`BUTARCNN`, with stock parts elsewhere.
 
-* :class:`BUTARCNN` (``META_ARCHITECTURE``): the input rule (mean subtracted first, then a
-  bilinear resize of the float image by :func:`buta_input_scale`), output boxes divided by
-  that scale, and the checkpoint conversion over the whole model
-  (:mod:`d2_regionfeat.modeling.ports.buta`);
+* :class:`BUTARCNN` (``META_ARCHITECTURE``): the input rule (a bilinear resize of the float
+  image by :func:`buta_input_scale`, the mean subtracted before it in caffe mode, after it in
+  d2 mode), output boxes divided by that scale, and the checkpoint conversion over the whole
+  model (:mod:`d2_regionfeat.modeling.ports.buta`);
 * :class:`BUTARPNHead` (``RPN.HEAD_NAME``): 2A objectness channels, (background, foreground)
   of anchor a at channels a and A + a, scored by a softmax over the pair;
 * :class:`BUTARPN` (``PROPOSAL_GENERATOR.NAME``): the +1 box coder with ``x2 = cx + w / 2``
@@ -401,29 +401,34 @@ class BUTARCNN(RegionFeatureRCNN):
     :class:`RegionFeatureRCNN` as BUTA.pt's ``GeneralizedBUARCNN`` runs at extraction:
 
     * input (:meth:`preprocess_image`, at inference): each image, as the input side gives it
-      (not resized: ``INPUT.MIN_SIZE_TEST: 0``), normalised by ``PIXEL_MEAN`` /
-      ``PIXEL_STD`` first, then :func:`resize_by_scale` by :func:`buta_input_scale`
-      (``MODEL.BUTA.TEST_SCALE`` / ``TEST_MAX_SIZE``); the scale reaches :class:`BUTARPN`;
+      (not resized: ``INPUT.MIN_SIZE_TEST: 0``), :func:`resize_by_scale` by
+      :func:`buta_input_scale` (``MODEL.BUTA.TEST_SCALE`` / ``TEST_MAX_SIZE``), normalised by
+      ``PIXEL_MEAN`` / ``PIXEL_STD`` before (``MODEL.BUTA.NORMALIZE_BEFORE_RESIZE``, caffe
+      mode) or after (d2 mode); the scale reaches a :class:`BUTARPN`;
     * "butd" selection's NMS and the output boxes in original pixels = network-input
       pixels divided by the scale (not clipped);
-    * its checkpoint conversion spans the whole model (BUTA.pt's keys,
-      :mod:`d2_regionfeat.modeling.ports.buta`).
+    * its checkpoint conversion spans the whole model (BUTA.pt's caffe-mode keys,
+      :mod:`d2_regionfeat.modeling.ports.buta`; a d2-mode checkpoint has detectron2's names
+      and grid-feats-vqa's attribute head, which the ROI heads' hook converts,
+      :mod:`d2_regionfeat.modeling.ports.grid_feats`).
 
     Training runs detectron2's input path (the images as the input side resized them).
     """
 
     @configurable
-    def __init__(self, *, test_scale=600, test_max_size=1000, **kwargs):
+    def __init__(self, *, test_scale=600, test_max_size=1000, normalize_before_resize=True, **kwargs):
         super().__init__(**kwargs)
         self.test_scale = test_scale
         self.test_max_size = test_max_size
+        self.normalize_before_resize = normalize_before_resize
         register_checkpoint_conversion(self)
 
     @classmethod
     def from_config(cls, cfg):
         node = buta_node(cfg)
         return {**super().from_config(cfg), "test_scale": node.TEST_SCALE,
-                "test_max_size": node.TEST_MAX_SIZE}
+                "test_max_size": node.TEST_MAX_SIZE,
+                "normalize_before_resize": node.NORMALIZE_BEFORE_RESIZE}
 
     def input_scale(self, batched_input):
         """The resize factor of one input dict's ``image`` (C, H, W) at inference."""
@@ -432,16 +437,20 @@ class BUTARCNN(RegionFeatureRCNN):
 
     def preprocess_image(self, batched_inputs):
         """
-        At inference: per image, (C, H, W) -> normalised float -> (C, round(H s), round(W s)),
-        padded into an ImageList (detectron2's ``size_divisibility``). In training:
-        detectron2's.
+        At inference: per image, (C, H, W) -> float -> (C, round(H s), round(W s)), normalised
+        before or after the resize, padded into an ImageList (detectron2's
+        ``size_divisibility``). In training: detectron2's.
         """
         if self.training:
             return super().preprocess_image(batched_inputs)
         images = []
         for x in batched_inputs:
-            image = (x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
-            images.append(resize_by_scale(image, self.input_scale(x)))
+            image = x["image"].to(self.device).float()
+            if self.normalize_before_resize:
+                image = resize_by_scale((image - self.pixel_mean) / self.pixel_std, self.input_scale(x))
+            else:
+                image = (resize_by_scale(image, self.input_scale(x)) - self.pixel_mean) / self.pixel_std
+            images.append(image)
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def output_shapes(self, batched_inputs):
@@ -455,7 +464,9 @@ class BUTARCNN(RegionFeatureRCNN):
 
     def inference(self, batched_inputs, detected_instances=None, do_postprocess=True):
         scales = [self.input_scale(x) for x in batched_inputs]
-        with self.proposal_generator.input_scales(scales):
+        # a BUTARPN scales its MIN_SIZE by them; detectron2's RPN (d2 mode) has no such rule
+        scaled = getattr(self.proposal_generator, "input_scales", None)
+        with scaled(scales) if scaled else contextlib.nullcontext():
             results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
         if not do_postprocess:
             return results

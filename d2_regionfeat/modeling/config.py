@@ -183,16 +183,20 @@ def _add_vinvl_keys(cfg):
 
 
 def _add_buta_keys(cfg):
-    # The parts of MILVLG/bottom-up-attention.pytorch's caffe-mode detector (BUTA.pt) that
-    # differ from detectron2's (d2_regionfeat.modeling.buta, configs/BUTA/).
+    # The parts of MILVLG/bottom-up-attention.pytorch's detectors (BUTA.pt) that differ from
+    # detectron2's (d2_regionfeat.modeling.buta, configs/BUTA/).
     node = cfg.MODEL.BUTA = CN()
-    # Meta-architecture "BUTARCNN" at inference: the image, mean subtracted first (PIXEL_MEAN,
-    # PIXEL_STD), is resized as a float image (bilinear) by scale = TEST_SCALE / short side,
-    # or TEST_MAX_SIZE / long side when round(scale * long side) > TEST_MAX_SIZE (BUTA.pt's
-    # hard-coded TEST_SCALES (600,) and TEST_MAX_SIZE 1000). The input side must not resize:
-    # BUTA's configs set INPUT.MIN_SIZE_TEST 0.
+    # Meta-architecture "BUTARCNN" at inference: the image is resized as a float image
+    # (bilinear) by scale = TEST_SCALE / short side, or TEST_MAX_SIZE / long side when
+    # round(scale * long side) > TEST_MAX_SIZE (BUTA.pt's hard-coded TEST_SCALES (600,) and
+    # TEST_MAX_SIZE 1000). The input side must not resize: BUTA's configs set
+    # INPUT.MIN_SIZE_TEST 0.
     node.TEST_SCALE = 600
     node.TEST_MAX_SIZE = 1000
+    # True: PIXEL_MEAN / PIXEL_STD applied before that resize (its caffe mode's
+    # get_image_blob); False: after it (its d2 mode: get_image_blob with mean 0, then
+    # detectron2's normalisation in the model).
+    node.NORMALIZE_BEFORE_RESIZE = True
     # Backbone "build_buta_preact_resnet_backbone" and ROI heads "BUTAPreActRes5ROIHeads"
     # (BUTA.pt's RESNET_VERSION 2, its R152): eps of every batch norm.
     node.BN_EPS = 2e-5

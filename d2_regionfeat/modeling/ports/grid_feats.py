@@ -1,6 +1,9 @@
 """
-facebookresearch/grid-feats-vqa's checkpoints (``configs/grid/``): detectron2 models whose
-only module of their own is ``AttributePredictor`` at ``roi_heads.attribute_predictor``:
+facebookresearch/grid-feats-vqa's checkpoints (``configs/grid/``), and
+MILVLG/bottom-up-attention.pytorch's detectron2-mode ones (``bua-d2-frcn-*.pth``,
+``configs/BUTA/d2-*.yaml``, whose ``AttributeRes5ROIHeads`` is grid-feats-vqa's head on
+``Res5ROIHeads``): detectron2 models whose only module of their own is ``AttributePredictor``
+at ``roi_heads.attribute_predictor``:
 
     obj_embed   Embedding(K + 1, E)      -> box_predictor.cls_embedding
     fc.0        Linear(D + E, H), ReLU   -> box_predictor.fc_attr
@@ -45,7 +48,7 @@ def grid_feats_attribute_predictor(module, state_dict, prefix):
     bias = state_dict[prefix + "box_predictor.attr_score.bias"]
     if weight.shape[0] + 1 != attr_score.out_features:
         raise ValueError(
-            f"the grid-feats-vqa checkpoint scores {weight.shape[0]} attributes; "
+            f"the grid-feats-vqa-style checkpoint scores {weight.shape[0]} attributes; "
             f"MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES is {attr_score.out_features - 1}"
         )
     no_attribute_weight = weight.new_zeros(1, weight.shape[1])
