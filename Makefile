@@ -41,6 +41,7 @@ bench: install
 	$(BENCH) bench/bench_writers.py
 	$(BENCH) bench/bench_amp.py
 	$(BENCH) bench/bench_large.py
+	$(BENCH) bench/bench_shards.py
 
 # The shipped default model over demo/images: features (.npz) and overview.png in demo_out/.
 demo: install

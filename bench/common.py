@@ -156,9 +156,10 @@ def run_child(args, threads=1, timeout=None, env=None):
 
 def alternating_runs(variants, repeats, threads=1):
     """
-    Run each ``variants[name]`` (the arguments of :func:`run_child`) ``repeats`` times,
-    alternating their order from one repeat to the next (first to last, then last to first),
-    so that machine noise hits all of them alike. Returns {name: [each run's JSON]}.
+    Run each variant ``repeats`` times with :func:`run_child`, alternating their order from one
+    repeat to the next (first to last, then last to first), so that machine noise hits all of
+    them alike; ``variants[name]()`` gives the arguments of a run (called just before it, so it
+    may clear that run's output). Returns {name: [each run's JSON]}.
     """
     runs = {name: [] for name in variants}
     for r in range(repeats):
