@@ -43,6 +43,7 @@ bench: install
 	$(BENCH) bench/bench_large.py
 	$(BENCH) bench/bench_streaming.py
 	$(BENCH) bench/bench_vinvl.py
+	$(BENCH) bench/bench_shards.py
 
 # The shipped default model over demo/images: features (.npz) and overview.png in demo_out/.
 demo: install

@@ -18,7 +18,7 @@ import shutil
 import statistics
 import tempfile
 
-from common import parser, report, run_child, save_model, shipped_model, write_images
+from common import alternating_runs, parser, report, save_model, shipped_model, write_images
 from helpers import make_cfg
 
 # The columns of a row of :func:`compare`.
@@ -41,18 +41,16 @@ def fpn_800(size=800):
 
 def compare(name, config, images, count, args, work):
     """Run the loop and extract_net alternately; returns the row of ``name``."""
-    runs = {"loop": [], "extract": []}
-    for r in range(args.repeats):
-        order = ["loop", "extract"] if r % 2 == 0 else ["extract", "loop"]
-        for mode in order:
+    def run(mode):
+        def arguments():
             out = os.path.join(work, f"{name}-{mode}")
             shutil.rmtree(out, ignore_errors=True)
-            runs[mode].append(run_child(
-                ["extract_runs.py", mode, "--config", config, "--images", images, "--output", out,
-                 "--device", args.device, "--limit", count, "--batch-size", args.batch_size,
-                 "--num-workers", args.num_workers, "--formats", args.formats],
-                threads=args.threads,
-            ))
+            return ["extract_runs.py", mode, "--config", config, "--images", images, "--output", out,
+                    "--device", args.device, "--limit", count, "--batch-size", args.batch_size,
+                    "--num-workers", args.num_workers, "--formats", args.formats]
+        return arguments
+
+    runs = alternating_runs({"loop": run("loop"), "extract": run("extract")}, args.repeats, args.threads)
 
     def median(mode, key):
         return statistics.median(run[key] for run in runs[mode])

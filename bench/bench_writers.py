@@ -20,17 +20,11 @@ import time
 
 import numpy as np
 
-from common import parser, report, run_child, shipped_model, write_images
+from common import disk_bytes, parser, report, run_child, shipped_model, write_images
 from d2_regionfeat.extraction.manifest import write_manifest
 from d2_regionfeat.formats import REGION_FORMATS, LAYOUTS, WriteOnlyLayoutError
 from d2_regionfeat.io import read_features
 from records import RecordMaker, write_records
-
-
-def disk_bytes(folder):
-    return sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files
-    )
 
 
 def bench_layout(name, maker, count, folder):

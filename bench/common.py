@@ -154,12 +154,38 @@ def run_child(args, threads=1, timeout=None, env=None):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(name, rows, columns, extra=None, results=RESULTS):
-    """Print ``rows`` (list of dicts) as a table and write ``results``/<name>.json."""
+def alternating_runs(variants, repeats, threads=1):
+    """
+    Run each variant ``repeats`` times with :func:`run_child`, alternating their order from one
+    repeat to the next (first to last, then last to first), so that machine noise hits all of
+    them alike; ``variants[name]()`` gives the arguments of a run (called just before it, so it
+    may clear that run's output). Returns {name: [each run's JSON]}.
+    """
+    runs = {name: [] for name in variants}
+    for r in range(repeats):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            runs[name].append(run_child(variants[name](), threads=threads))
+    return runs
+
+
+def disk_bytes(path):
+    """Bytes of the file ``path``, or of every file under the folder ``path``."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def print_table(rows, columns):
+    """Print ``rows`` (list of dicts) as a table of ``columns``."""
     widths = {c: max([len(c)] + [len(_fmt(r[c])) for r in rows]) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in columns))
+
+
+def report(name, rows, columns, extra=None, results=RESULTS):
+    """Print ``rows`` (list of dicts) as a table and write ``results``/<name>.json."""
+    print_table(rows, columns)
     os.makedirs(results, exist_ok=True)
     path = os.path.join(results, f"{name}.json")
     with open(path, "w") as f:

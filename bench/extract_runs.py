@@ -3,7 +3,8 @@
 One timed extraction in a process of its own, started by :func:`common.run_child` (first
 argument: when the parent launched it, ``time.time()``); prints its figures as one JSON line.
 
-* ``extract``: ``tools/extract_net.py`` itself (its ``main``), over a folder of images.
+* ``extract``: ``tools/extract_net.py`` itself (its ``main``), over a folder of images, or
+  over tar shards (``--images 'shards/{00000..00007}.tar'``: a shard run, output shards).
 * ``loop``: what a user writes without it: ``DefaultPredictor`` on each image read with
   detectron2's ``read_image``, then ``np.savez`` of its regions, one file per image.
 
@@ -31,7 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import d2_regionfeat.extraction.job  # noqa: E402
-from d2_regionfeat.formats import LAYOUTS  # noqa: E402
+from d2_regionfeat.formats import LAYOUTS, ShardFolder  # noqa: E402
+from d2_regionfeat.formats.feature_shards import FeatureShardWriter, holds_shards  # noqa: E402
 
 
 class ModelClock:
@@ -58,8 +60,9 @@ class ModelClock:
 
 class WriterClock:
     """
-    Seconds spent in the writers of :data:`LAYOUTS` (``write``, ``close``, ``merge``),
-    counted once where one writer calls another's method.
+    Seconds spent in the writers of :data:`LAYOUTS` (``write``, ``close``, ``merge``) and in
+    the output shards' :class:`FeatureShardWriter` (``add``, ``close``), counted once where one
+    writer calls another's method.
     """
 
     def __init__(self):
@@ -70,6 +73,8 @@ class WriterClock:
         for cls, (write, close, merge) in originals.items():
             cls.write, cls.close = self._timed(write), self._timed(close)
             cls.merge = staticmethod(self._timed(merge))  # merge is bound to cls already
+        FeatureShardWriter.add = self._timed(FeatureShardWriter.add)
+        FeatureShardWriter.close = self._timed(FeatureShardWriter.close)
 
     def _timed(self, method):
         def timed(*args, **kwargs):
@@ -106,8 +111,11 @@ def run_extract(args):
     end = time.time()
     if status != 0:
         raise SystemExit(f"extract_net exited with {status}")
-    with open(os.path.join(args.output, "manifest.json")) as f:
-        images = json.load(f)["counts"]["written"]
+    if holds_shards(args.output):
+        images = len(ShardFolder(args.output))
+    else:
+        with open(os.path.join(args.output, "manifest.json")) as f:
+            images = json.load(f)["counts"]["written"]
     return state["built"], end, state["clock"], images, writers.seconds
 
 

@@ -6,15 +6,21 @@ POOL = 8
 
 
 class RecordMaker:
-    """``maker(i)``: record ``i``, N regions of D-dim float32 features (and K+1 class probabilities)."""
+    """
+    ``maker(i)``: record ``i``, N regions of D-dim float32 features (and K+1 class
+    probabilities; with A attributes, BUTD's best attribute, its probability and the A+1).
+    """
 
-    def __init__(self, regions=36, dim=2048, classes=0, seed=0):
+    def __init__(self, regions=36, dim=2048, classes=0, seed=0, attributes=0):
         rng = np.random.default_rng(seed)
         self.features = rng.standard_normal((POOL, regions, dim), dtype=np.float32)
         self.boxes = (rng.random((POOL, regions, 4), dtype=np.float32) * 500).cumsum(-1)
         self.probs = None
         if classes:
             self.probs = rng.dirichlet(np.ones(classes + 1), (POOL, regions)).astype(np.float32)
+        self.attr_probs = None
+        if attributes:
+            self.attr_probs = rng.dirichlet(np.ones(attributes + 1), (POOL, regions)).astype(np.float32)
         self.regions = regions
 
     def __call__(self, i):
@@ -31,6 +37,10 @@ class RecordMaker:
         }
         if self.probs is not None:
             record["cls_prob"] = self.probs[k]
+        if self.attr_probs is not None:
+            record["attr_prob"] = self.attr_probs[k]
+            record["attrs_id"] = self.attr_probs[k][:, :-1].argmax(1)
+            record["attrs_conf"] = self.attr_probs[k][:, :-1].max(1)
         return record
 
     @staticmethod

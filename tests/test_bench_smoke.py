@@ -109,3 +109,33 @@ def test_vinvl(run_bench):
         ("vinvl_x152c4", "64x96"), ("butd_r101c4", "64x96"), ("ratio vinvl/butd", "64x96")]
     assert all(0 < r["selection_share"] < 1 for r in rows[:2]) and all(r["s_per_image"] > 0 for r in rows)
     assert rows[2]["s_per_image"] == rows[0]["s_per_image"] / rows[1]["s_per_image"]
+
+
+def test_shards(run_bench):
+    result = run_bench(
+        "bench_shards.py", "--images", 6, "--shard-size", 3, "--repeats", 1, "--num-workers", 1,
+        "--formats", "npz", "--records", 2, "--regions", "3,5", "--dim", 8, "--gpu-img-s", 4,
+    )["shards"]
+    (row,) = result["rows"]
+    assert (row["images"], row["shards"]) == (6, 2) and row["ratio"] > 0
+    assert all(0 < row[k] <= 1 for k in ("folder_busy", "shards_busy"))
+    at_model = {r["format"]: r for r in result["bytes_at_model"]}
+    assert list(at_model) == ["npz", "shards"] and at_model["npz"]["images"] == 6
+    # a member of the shards is the npz file's bytes, with its tar header, json and txt beside
+    assert 0 < at_model["npz"]["bytes_per_image"] < at_model["shards"]["bytes_per_image"]
+    # per image: what one more record adds, the npz file of a record exactly
+    from d2_regionfeat.formats.records import encode_npz
+    from records import RecordMaker
+
+    by = {(r["format"], r["features"], r["regions"]): r["bytes_per_image"] for r in result["bytes_synthetic"]}
+    for regions in (3, 5):
+        record = RecordMaker(regions, 8, 1600, attributes=400)(0)
+        assert by["npz", "float32", regions] == len(encode_npz(record))
+        assert by["npz", "float32", regions] - by["npz", "float16", regions] == regions * 8 * 2
+        assert by["shards", "float32", regions] > by["npz", "float32", regions]
+    parts = {(r["format"], r["features"]): r for r in result["bytes_parts"]}
+    assert parts["npz", "float32"]["per_region"] == (by["npz", "float32", 5] - by["npz", "float32", 3]) / 2
+    hours = {r["rate"]: r for r in result["cost_hours"]}
+    assert hours["BUTD R101-C4 600 px, 1 GPU (assumed)"]["100M_hours"] == pytest.approx(1e8 / 4 / 3600)
+    tb = {(r["format"], r["features"]): r for r in result["cost_tb"]}
+    assert tb["npz", "float32"]["CC3M_5_TB"] == pytest.approx(3.3e6 * by["npz", "float32", 5] / 1e12)
