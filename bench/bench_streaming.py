@@ -7,7 +7,9 @@ paths, and for folders of --folder-counts images, nested (1000 a folder) and fla
 one folder). It must be flat (<= +10 % from the fewest paths to the most) for the list file
 and the nested folder; a flat folder's sorted entries are held whole (its order is that of
 the sorted paths), so it grows with the largest folder. The same list files read into one
-list (``list_inputs``: the whole listing held, as every run did before) are measured beside.
+list (``list_inputs``: the whole listing held, as every run did before) are measured beside,
+and as a ``--shard-size 1000`` run reads them (``list-shards``: the shards planned, each
+shard's images read, the model skipped); that must be flat too.
 
 Every path exists: hard links of 20 tiny images (a file takes at most 65000 links on ext4).
 The output folder holds the first --written images in every layout (npz files as links of
@@ -94,8 +96,9 @@ def resumed_output(root, name, image_ids, formats):
 
 def inputs_of(name, root, list_counts, folder_counts, sources):
     """(input kind, way of reading, its output folder's name, the inputs) of ``--inputs`` ``name``."""
-    if name in ("list", "list-read-whole"):
-        return "list file", "streamed" if name == "list" else "list", "list", [list_file(root, c) for c in list_counts]
+    if name in ("list", "list-read-whole", "list-shards"):
+        way = {"list": "streamed", "list-read-whole": "list", "list-shards": "shards"}[name]
+        return "list file", way, "list", [list_file(root, c) for c in list_counts]
     if name == "nested":
         return "nested folder", "streamed", "nested", [nested_folder(root, c) for c in folder_counts]
     if name == "flat":
@@ -114,8 +117,8 @@ def main():
     p.add_argument("--folder-counts", default="10000,100000", help="images of the folders")
     p.add_argument("--formats", default="npz,ban_hdf5", help="layouts (npz, and journal ones)")
     p.add_argument("--written", type=int, default=1000, help="images already in the output folder")
-    p.add_argument("--inputs", default="list,list-read-whole,nested,flat",
-                   help="what to measure: list (streamed), list-read-whole, nested, flat (folders)")
+    p.add_argument("--inputs", default="list,list-read-whole,list-shards,nested,flat",
+                   help="what to measure: list (streamed), list-read-whole, list-shards, nested, flat (folders)")
     p.add_argument("--work", help="folder to work in (default: a temporary one)")
     args = p.parse_args()
     list_counts = [int(c) for c in args.list_counts.split(",")]

@@ -95,9 +95,10 @@ def test_large(run_bench):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
 def test_streaming(run_bench):
     rows = run_bench("bench_streaming.py", "--list-counts", 300, "--folder-counts", 1000, "--written", 5,
-                     "--inputs", "list,nested")["streaming"]["rows"]
-    assert [(r["input"], r["count"], r["skipped"], r["todo"]) for r in rows] == [
-        ("list file", 300, 5, 296), ("nested folder", 1000, 5, 996)]  # todo: the images of batches to do
+                     "--inputs", "list,list-shards,nested")["streaming"]["rows"]
+    assert [(r["input"], r["way"], r["count"], r["skipped"], r["todo"]) for r in rows] == [
+        ("list file", "streamed", 300, 5, 296), ("list file", "shards", 300, 0, 300),
+        ("nested folder", "streamed", 1000, 5, 996)]  # todo: the images of batches to do
     assert all(r["peak_rss_mb"] >= r["base_rss_mb"] > 0 for r in rows)
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from d2_regionfeat.extraction.ray_engine import RAY_HINT, SHARD_INPUTS_ONLY
+from d2_regionfeat.formats.feature_shards import read_lines
 from d2_regionfeat.io import ShardFolder
 
 from test_extract_net import error_of, generated, save_bgr, tool_args, tool_main  # noqa: F401
@@ -38,7 +39,7 @@ def printed(run, out):
     with contextlib.redirect_stdout(stdout):
         status = run()
     lines = [line.replace(str(out), "OUT") for line in stdout.getvalue().splitlines()]
-    return status, [line for line in lines if line.startswith(("Shards:", "  lost"))]
+    return status, [line for line in lines if line.startswith(("Shards:", "  in folder", "  regions", "  lost"))]
 
 
 def on_ray(tool_main, argv):
@@ -68,12 +69,15 @@ def runs(ray_session, model, shards, tool_main, tmp_path_factory):
 
 
 def test_engine_ray_writes_the_default_engines_shards(runs):
-    complete = [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")]
+    complete = [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl", ".counts.json")]
     assert sorted(files(runs.out["ray"])) == sorted(complete) + ["99999.failures.jsonl", "shards.json"]
     # tars (npz, json and txt members), index rows, failures, lost record, shards.json
     assert files(runs.out["ray"]) == files(runs.out["default"])
+    regions = [row["num_bbox"] for n in SHARDS for row in read_lines(runs.out["ray"] / f"{n}.jsonl")]
     assert runs.ray == runs.default == (1, [
         "Shards: 4 of this worker, 0 already complete; 6 images extracted, 2 failed (in <shard>.failures.jsonl) in OUT",
+        f"  in folder  3 complete shards of 8 images: 6 extracted, 2 failed, {regions.count(0)} with no region",
+        f"  regions    per image min {min(regions)}, mean {sum(regions) / 6:.1f}, max {max(regions)}",
         "  lost       1 input shards could not be read (99999; reasons in <shard>.failures.jsonl): rerun to retry them",
     ])
 

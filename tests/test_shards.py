@@ -7,6 +7,7 @@ through a stand-in extractor.
 import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from d2_regionfeat.extraction.manifest import OutputFolderError
 from d2_regionfeat.extraction.model_call import BatchExtractor
 from d2_regionfeat.extraction.model_config import ConfigError, load_model_config
 from d2_regionfeat.extraction.pipeline import extract_shards
-from d2_regionfeat.extraction.input_shards import expand_braces, select_shards
+from d2_regionfeat.extraction.input_shards import expand_braces, plan_shards, select_shards, shard_items
+from d2_regionfeat.extraction.inputs import Inputs
 from d2_regionfeat.formats import LAYOUTS
 from d2_regionfeat.formats.feature_shards import DuplicateIdError
 from d2_regionfeat.io import ShardFolder, read_features
@@ -130,7 +132,7 @@ def folder_run(model, tool_main, tmp_path_factory):
 def test_shards_equal_a_folder_extraction(clean, folder_run):
     out = folder_run
     assert sorted(os.listdir(clean)) == sorted(
-        [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl")] + ["shards.json"]
+        [f"{n}{s}" for n in SHARDS for s in (".tar", ".jsonl", ".failures.jsonl", ".counts.json")] + ["shards.json"]
     )
     members = {}
     for name in SHARDS:
@@ -187,6 +189,20 @@ def test_one_reader_for_folder_runs_and_shards(clean, folder_run, tmp_path):
         f["member"] for f in ShardFolder(str(clean)).failures())
     with pytest.raises(ValueError, match="is no folder of output shards"):
         list(read_features(f"{tmp_path}/none/*"))
+
+
+def test_shard_counts_sum_to_the_folders(clean, folder_run, tmp_path):
+    """Each shard's counts file; a folder's counts are their sum (a shard without one: counted from its index)."""
+    per_shard = {n: json.loads((clean / f"{n}.counts.json").read_text()) for n in SHARDS}
+    assert {n: (c["images"], c["written"], c["failed"]) for n, c in per_shard.items()} == {
+        "00000": (3, 2, 1), "00001": (3, 2, 1), "00002": (2, 2, 0)}
+    boxes = [len(r["x"]) for r in read_features(str(folder_run))]
+    counts = ShardFolder(str(clean)).counts()
+    assert counts == {"shards": 3, "images": 8, "written": 6, "failed": 2, "no_regions": boxes.count(0),
+                      "regions": {"images": 6, "sum": sum(boxes), "min": min(boxes), "max": max(boxes)}}
+    halves = split_run(clean, tmp_path)  # copies of the tars, indices and failures only
+    assert not list(tmp_path.glob("*/run/*.counts.json"))
+    assert ShardFolder([str(h) for h in halves]).counts() == counts
 
 
 def test_an_id_in_two_shards_is_refused_naming_both(clean, tmp_path):
@@ -418,11 +434,40 @@ def test_shard_size_for_a_folder(model, tmp_path):
     counts = extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=2,
                             num_workers=0, extractor=StandIn())
     assert counts["shards"] == 3 and counts["done"] == 5
-    assert sorted(os.listdir(tmp_path / "out"))[:3] == ["00000.failures.jsonl", "00000.jsonl", "00000.tar"]
+    assert sorted(os.listdir(tmp_path / "out"))[:4] == ["00000.counts.json", "00000.failures.jsonl", "00000.jsonl",
+                                                        "00000.tar"]
     with pytest.raises(OutputFolderError, match="--shard-size differ"):
         extract_shards(model.cfg, str(tmp_path / "in"), str(tmp_path / "out"), shard_size=3, num_workers=0,
                        extractor=StandIn())
     assert ShardFolder(str(tmp_path / "out")).index("im4")["member"] == "im4.npz"
+
+
+def test_shard_size_streams_a_list(model, tmp_path, monkeypatch):
+    """--shard-size over a list file: shards of positions, the list read once for them in order; a changed list is refused."""
+    for i in range(7):
+        save_bgr(tmp_path / "im" / f"im{i}.png", generated(i, 64, 64))
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"im/im{i}.png\n" for i in range(7)))
+    shards, sha256 = plan_shards(str(listing), shard_size=3)
+    assert [(s.name, s.start, s.stop) for s in shards] == [("00000", 0, 3), ("00001", 3, 6), ("00002", 6, 7)]
+    assert sha256 == Inputs(str(listing)).check()[1]
+    reads = []
+    iterate = Inputs.__iter__
+    monkeypatch.setattr(Inputs, "__iter__", lambda self: reads.append(1) or iterate(self))
+    ids = [[i.image_id for i in shard_items(s)] for s in shards]
+    assert ids == [["im0", "im1", "im2"], ["im3", "im4", "im5"], ["im6"]] and len(reads) == 1
+    assert [i.image_id for i in shard_items(shards[1])] == ["im3", "im4", "im5"] and len(reads) == 2
+    # what goes to DataLoader workers and Ray actors: the shards' positions, not their reading
+    copy = pickle.loads(pickle.dumps(shards))
+    assert copy[2].inputs._stream is None and [i.image_id for i in shard_items(copy[2])] == ["im6"]
+    monkeypatch.undo()
+    counts = extract_shards(model.cfg, str(listing), str(tmp_path / "out"), shard_size=3, num_workers=0,
+                            extractor=StandIn())
+    assert (counts["shards"], counts["done"]) == (3, 7)
+    listing.write_text("".join(f"im/im{i}.png\n" for i in reversed(range(7))))
+    with pytest.raises(OutputFolderError, match="inputs"):
+        extract_shards(model.cfg, str(listing), str(tmp_path / "out"), shard_size=3, num_workers=0,
+                       extractor=StandIn())
 
 
 # The bugs of the shard path's own loop (issue 24), each against the one run path.

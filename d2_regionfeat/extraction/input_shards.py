@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..formats.feature_shards import CARRIED
-from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, list_inputs, one_line
+from .inputs import IMAGE_EXTENSIONS, ImageDataset, ImageItem, InputError, Inputs, one_line
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -218,11 +218,16 @@ class ShardItem(ImageItem):
 
 @dataclass(frozen=True)
 class InputShard:
-    """One input shard: a tar (``url``) or a run of listed images (``items``)."""
+    """
+    One input shard: a tar (``url``), or the listed images at positions ``start`` to ``stop``
+    (less one) of ``inputs``, read from it when the shard is (:meth:`.inputs.Inputs.between`).
+    """
 
     name: str
     url: Optional[str] = None
-    items: Tuple[ImageItem, ...] = ()
+    inputs: Optional[Inputs] = field(default=None, compare=False, repr=False)
+    start: int = 0
+    stop: int = 0
 
 
 def tar_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[ShardItem]:
@@ -250,10 +255,14 @@ def tar_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[Sha
 
 
 def shard_items(shard: InputShard, id_field: Optional[str] = None) -> Iterator[ShardItem]:
-    """The images of an input shard (see :func:`tar_items`), listed ones keyed by their id."""
+    """
+    The images of an input shard (see :func:`tar_items`), listed ones keyed by their id: read
+    on from where the last listed shard of its source ended when it starts there or later.
+    """
     if shard.url is not None:
         return tar_items(shard, id_field)
-    return (ShardItem(i.image_id, i.path, i.error, shard.name, i.image_id) for i in shard.items)
+    return (ShardItem(i.image_id, i.path, i.error, shard.name, i.image_id)
+            for i in shard.inputs.between(shard.start, shard.stop))
 
 
 def _expand(source: str) -> List[str]:
@@ -271,22 +280,28 @@ def _expand(source: str) -> List[str]:
 
 
 def plan_shards(source: str, shard_size: int = 0, image_root=None, id_mode=None,
-                limit: int = 0) -> List[InputShard]:
+                limit: int = 0) -> Tuple[List[InputShard], Optional[str]]:
     """
     The input shards of ``source``: one per tar of a shard source; else the listed images (the
-    first ``limit``) in shards of ``shard_size`` named ``00000``, ``00001``, ...
+    first ``limit``, see :class:`.inputs.Inputs`: checked here, read again by each shard) in
+    shards of ``shard_size`` named ``00000``, ``00001``, ...
+
+    Returns:
+        (shards, the sha256 of a listed source's listing (:meth:`.inputs.Inputs.check`), or None)
     """
     if is_shard_source(source):
         urls = [source] if source.startswith("pipe:") else _expand(source)
         names = [shard_name(u) for u in urls]
         if len(set(names)) != len(names):
             raise InputError(f"--input {source!r}: two shards have the same file name")
-        return [InputShard(name, url) for name, url in zip(names, urls)]
+        return [InputShard(name, url) for name, url in zip(names, urls)], None
     if shard_size < 1:
         raise InputError("--shard-size N must be >= 1 for an input that is not tar shards")
-    items = list_inputs(source, image_root, limit, id_mode)
-    return [InputShard(f"{n // shard_size:05d}", items=tuple(items[n: n + shard_size]))
-            for n in range(0, len(items), shard_size)]
+    inputs = Inputs(source, image_root, limit, id_mode)
+    count, inputs_sha256 = inputs.check()
+    shards = [InputShard(f"{n // shard_size:05d}", inputs=inputs, start=n, stop=min(n + shard_size, count))
+              for n in range(0, count, shard_size)]
+    return shards, inputs_sha256
 
 
 class ShardDataset(torch.utils.data.IterableDataset):

@@ -245,6 +245,9 @@ class Inputs:
         self.source, self.limit, self.id_mode = source, limit, id_mode
         # the items of a source that comes as a list, else None (read lazily)
         self.listed: Optional[List[ImageItem]] = None
+        # :meth:`between`'s reading of the source and its position there (not pickled)
+        self._stream: Optional[Iterator[ImageItem]] = None
+        self._position = 0
         if os.path.isdir(source) or os.path.isfile(source) and not source.lower().endswith(".json"):
             return
         if os.path.isfile(source):
@@ -275,6 +278,25 @@ class Inputs:
                 item = _int_id(item)
             error = _id_error(item.image_id)
             yield ImageItem(item.image_id, item.path, error) if error else item
+
+    def between(self, start: int, stop: int) -> Iterator[ImageItem]:
+        """
+        The items at positions ``start`` to ``stop`` (less one), read on from where the last
+        call's items ended when ``start`` is there or later, else from the first: runs of
+        items asked for in order (the shards of a ``--shard-size`` run) read the source once.
+        """
+        if self._stream is None or start < self._position:
+            self._stream, self._position = iter(self), 0
+        while self._position < stop:
+            item = next(self._stream, None)
+            if item is None:
+                return
+            self._position += 1
+            if self._position > start:
+                yield item
+
+    def __getstate__(self):
+        return dict(self.__dict__, _stream=None, _position=0)
 
     def usable_ids(self) -> Iterable[str]:
         """The ids of the items without an ``error``: an iterable read again each time, as this one."""

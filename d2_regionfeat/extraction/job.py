@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
 from ..formats import LAYOUTS, LayoutIdError
-from ..formats.feature_shards import is_complete
+from ..formats.feature_shards import ShardFolder, is_complete
 from ..modeling.outputs import RegionFields, region_fields
 from ..modeling.vocabulary import NO_NAMES_HINT, Vocabularies
 from .inputs import ImageDataset, ImageItem, Inputs, one_line
@@ -104,11 +104,11 @@ def prepare_job(cfg, source, output_dir, formats, world_size, resume=False, imag
     names = model_config.vocabularies()
     identity = model_config.identity()
     if shard_run:
-        shards, _, _ = select_shards(plan_shards(source, shard_size, image_root, id_mode, limit),
-                                     shard_index, num_shards)
+        shards, inputs_sha256 = plan_shards(source, shard_size, image_root, id_mode, limit)
+        shards, _, _ = select_shards(shards, shard_index, num_shards)
         claim_output_folder(output_dir, dict(
             identity, fp16=bool(options.get("fp16", False)), amp=bool(options.get("amp", False)),
-            id_field=id_field, id=id_mode, shard_size=shard_size, limit=limit,
+            id_field=id_field, id=id_mode, shard_size=shard_size, limit=limit, inputs_sha256=inputs_sha256,
             class_names=names.class_names, versions=package_versions(),
         ), resume, shared=True, name=SHARDS_MANIFEST)
         return ExtractionJob(
@@ -204,11 +204,8 @@ def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
             f"{left_out}; --min-regions N gives every image N)"
         )
     if with_regions:
-        lines.append(
-            f"  regions    per image min {min(r['min'] for r in regions)}, mean "
-            f"{sum(r['sum'] for r in regions) / with_regions:.1f}, max {max(r['max'] for r in regions)}"
-            f"; feature dim {manifest['feature_dim']}"
-        )
+        lines.append(_regions_line(min(r["min"] for r in regions), sum(r["sum"] for r in regions) / with_regions,
+                                   max(r["max"] for r in regions)) + f"; feature dim {manifest['feature_dim']}")
     lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
     model_s, write_s = sum(s["model_s"] for s in stats), sum(s["write_s"] for s in stats)
     if done:
@@ -219,16 +216,29 @@ def summary(output_dir, manifest, stats: List[Dict], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _regions_line(least: int, mean: float, most: int) -> str:
+    return f"  regions    per image min {least}, mean {mean:.1f}, max {most}"
+
+
 def shard_summary(output_dir, stats: List[Dict], seconds: float) -> str:
-    """The end-of-run report of a shard run (``stats``: each rank's)."""
+    """
+    The end-of-run report of a shard run (``stats``: each rank's), with the counts of every
+    complete shard of the folder (:meth:`ShardFolder.counts`: every worker's so far).
+    """
     lost = [name for s in stats for name in s["lost"]]
     done = sum(s["done"] for s in stats)
+    counts = ShardFolder(output_dir).counts()
+    regions = counts["regions"]
     lines = [
         f"Shards: {sum(s['shards'] for s in stats)} of this worker, {sum(s['complete'] for s in stats)} "
         f"already complete; {done} images extracted, {sum(s['failed'] for s in stats)} failed "
         f"(in <shard>.failures.jsonl) in {output_dir}",
-        f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)",
+        f"  in folder  {counts['shards']} complete shards of {counts['images']} images: {counts['written']} "
+        f"extracted, {counts['failed']} failed, {counts['no_regions']} with no region",
     ]
+    if regions["images"]:
+        lines.append(_regions_line(regions["min"], regions["sum"] / regions["images"], regions["max"]))
+    lines.append(f"  wall time  {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
     if lost:
         lines.append(f"  lost       {len(lost)} input shards could not be read ({', '.join(sorted(lost))}; "
                      "reasons in <shard>.failures.jsonl): rerun to retry them")

@@ -10,9 +10,10 @@ it ``<name>.jsonl``, its index, one line per record in tar order::
 
 (``json`` (parsed, or its text when it is no json) and ``txt``: the carried members, when the
 sample had them; ``num_bbox`` only for a record with regions), and ``<name>.failures.jsonl``, the shard's inputs that gave no record
-(``{"id", "shard", "member", "reason"}``). A member holds every key of the record, grid ones
-too. An input shard that could not be read at all leaves only its failures (no index), so it
-is not complete.
+(``{"id", "shard", "member", "reason"}``), and ``<name>.counts.json``, its counts (:func:`count_rows`),
+which the shards of a folder sum to its counts (:meth:`ShardFolder.counts`) without reading
+an index. A member holds every key of the record, grid ones too. An input shard that could
+not be read at all leaves only its failures (no index), so it is not complete.
 
 A shard is written under temporary names and renamed into place, its index last: a shard whose
 index exists is complete; anything else of that name is an unfinished one, removed and redone.
@@ -38,13 +39,15 @@ SHARDS = "shards"
 TAR_SUFFIX = ".tar"
 INDEX_SUFFIX = ".jsonl"
 FAILURES_SUFFIX = ".failures.jsonl"
+COUNTS_SUFFIX = ".counts.json"
 _PARTIAL = ".partial"
 
 
 def shard_paths(output_dir: str, name: str) -> Dict[str, str]:
-    """The tar, index and failures paths of shard ``name`` in ``output_dir``."""
+    """The tar, index, failures and counts paths of shard ``name`` in ``output_dir``."""
     base = os.path.join(output_dir, name)
-    return {"tar": base + TAR_SUFFIX, "index": base + INDEX_SUFFIX, "failures": base + FAILURES_SUFFIX}
+    return {"tar": base + TAR_SUFFIX, "index": base + INDEX_SUFFIX, "failures": base + FAILURES_SUFFIX,
+            "counts": base + COUNTS_SUFFIX}
 
 
 def is_complete(output_dir: str, name: str) -> bool:
@@ -63,6 +66,40 @@ def _index_fields(carried: Dict[str, bytes]) -> Dict:
     if "txt" in carried:
         fields["txt"] = carried["txt"].decode("utf-8", "replace")
     return fields
+
+
+def count_rows(index: Sequence[Dict], failures: Sequence[Dict]) -> Dict:
+    """
+    The counts of a shard of ``index`` and ``failures`` rows: ``{"images": records + failures,
+    "written": records, "failed", "no_regions": records of no region, "regions": {"images":
+    records with regions counted, "sum", "min", "max"} of their ``num_bbox``}`` (a grid-only
+    record has none). Counts of several shards add up key by key (:func:`add_counts`).
+    """
+    regions = [entry["num_bbox"] for entry in index if "num_bbox" in entry]
+    return {
+        "images": len(index) + len(failures), "written": len(index), "failed": len(failures),
+        "no_regions": sum(1 for n in regions if n == 0),
+        "regions": {"images": len(regions), "sum": sum(regions), "min": min(regions, default=None),
+                    "max": max(regions, default=None)},
+    }
+
+
+def add_counts(total: Dict, counts: Dict) -> Dict:
+    """``total`` and ``counts`` (of :func:`count_rows`) added: sums summed, ``min``/``max`` kept."""
+    out = {k: total[k] + counts[k] for k in ("images", "written", "failed", "no_regions")}
+    regions = {k: total["regions"][k] + counts["regions"][k] for k in ("images", "sum")}
+    for key, pick in (("min", min), ("max", max)):
+        values = [c["regions"][key] for c in (total, counts) if c["regions"][key] is not None]
+        regions[key] = pick(values, default=None)
+    return dict(out, regions=regions)
+
+
+def _write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_lines(path, rows):
@@ -126,14 +163,15 @@ class FeatureShardWriter:
         self.failures.append(entry)
 
     def close(self):
-        """Finish the tar, then rename tar, failures and (last) index into place."""
+        """Finish the tar, then rename tar, failures, counts and (last) index into place."""
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         _write_lines(self.paths["failures"] + _PARTIAL, self.failures)
+        _write_json(self.paths["counts"] + _PARTIAL, count_rows(self.index, self.failures))
         _write_lines(self.paths["index"] + _PARTIAL, self.index)
-        for kind in ("tar", "failures", "index"):
+        for kind in ("tar", "failures", "counts", "index"):
             os.replace(self.paths[kind] + _PARTIAL, self.paths[kind])
 
     def abort(self):
@@ -267,6 +305,22 @@ class ShardFolder:
                 for member in tar:
                     if member.name.endswith(".npz"):
                         yield decode_npz(tar.extractfile(member).read())
+
+    def counts(self) -> Dict:
+        """
+        The complete shards' counts summed (see :func:`count_rows`), from each one's counts file
+        (of a shard written without one, its index and failures), and ``"shards"``: their number.
+        """
+        total = count_rows([], [])
+        for folder, name in self.shards:
+            paths = shard_paths(folder, name)
+            if os.path.isfile(paths["counts"]):
+                with open(paths["counts"], encoding="utf-8") as f:
+                    counts = json.load(f)
+            else:
+                counts = count_rows(read_lines(paths["index"]), read_lines(paths["failures"]))
+            total = add_counts(total, counts)
+        return dict(total, shards=len(self.shards))
 
     def failures(self) -> List[Dict]:
         """The failures of the complete shards."""
