@@ -414,6 +414,7 @@ def test_bad_settings_give_one_error_line(model, image_set, reference, tmp_path,
         ("MODEL.META_ARCHITECTURE RetinaNet has no ROI heads", args + ["MODEL.META_ARCHITECTURE", "RetinaNet"]),
         ("--format must be among npz, tsv, lmdb, hdf5", args + ["--format", "npz", "csv"]),
         ("no folder, file, glob or registered dataset", [*args[:5], str(tmp_path / "none"), *args[6:]]),
+        ("--eval-only is tools/train_net.py's (evaluation)", args + ["--eval-only"]),
     ]
     for message, argv in cases:
         code, err = error_of(tool_main, capsys, argv)

@@ -141,6 +141,8 @@ def get_parser():
     for action in parser._actions:
         if action.dest == "resume":
             action.help = "continue the run that made --output (same settings)"
+        elif action.dest == "eval_only":  # detectron2's parser has it; refused in main
+            action.help = argparse.SUPPRESS
     return parser
 
 
@@ -168,6 +170,9 @@ def load_config(args, overrides):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.eval_only:
+        parser.exit(2, f"{parser.prog}: error: --eval-only is tools/train_net.py's (evaluation); "
+                       "extract_net extracts features: drop it\n")
     words, overrides = split_overrides([w for value in args.format or [["npz"]] for w in value])
     formats = format_names(words)
     setup_logger(name="d2_regionfeat")  # the INFO line of what enabling the heads changed
