@@ -94,14 +94,6 @@ def add_counts(total: Dict, counts: Dict) -> Dict:
     return dict(out, regions=regions)
 
 
-def _write_json(path, value):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_lines(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -169,7 +161,7 @@ class FeatureShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         _write_lines(self.paths["failures"] + _PARTIAL, self.failures)
-        _write_json(self.paths["counts"] + _PARTIAL, count_rows(self.index, self.failures))
+        _write_lines(self.paths["counts"] + _PARTIAL, [count_rows(self.index, self.failures)])  # one line
         _write_lines(self.paths["index"] + _PARTIAL, self.index)
         for kind in ("tar", "failures", "counts", "index"):
             os.replace(self.paths[kind] + _PARTIAL, self.paths[kind])
